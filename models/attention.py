@@ -1,0 +1,56 @@
+"""Paged attention for one layer: write the step's K/V into the pool, then attend over pages.
+
+The one switch between the pure-jnp references (CPU, and the oracle) and the Pallas kernels (GPU) lives here.
+"""
+
+from typing import NamedTuple
+
+import jax
+
+from pallas_kernels.kv_write import write_kv_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+BACKENDS = ("reference", "pallas", "pallas_interpret")
+
+
+class AttentionMetadata(NamedTuple):
+    """Where the step's tokens go in the pool and what each one may see (docs/architecture.md)."""
+
+    slot_mapping: jax.Array  # i32[T]
+    cu_q_lens: jax.Array  # i32[B + 1]
+    kv_lens: jax.Array  # i32[B]
+    page_table: jax.Array  # i32[B, P]
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def paged_attention(
+    q: jax.Array,  # f[T, Hq, head_dim], rotary already applied
+    k: jax.Array,  # f[T, Hkv, head_dim], rotary already applied
+    v: jax.Array,  # f[T, Hkv, head_dim]
+    kv_pages: tuple[jax.Array, jax.Array],  # 2 x f[Hkv, num_pages, page_size, head_dim]
+    metadata: AttentionMetadata,
+    *,
+    backend: str,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
+    check_backend(backend)
+    k_pages, v_pages = kv_pages
+    if backend == "reference":
+        k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
+        out = ragged_paged_attention_reference(
+            q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens
+        )
+        return out, (k_pages, v_pages)
+    # Imported here so that CPU-only users never load the Triton lowering.
+    from pallas_kernels.kv_write import write_kv
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    interpret = backend == "pallas_interpret"
+    k_pages, v_pages = write_kv(k, v, k_pages, v_pages, metadata.slot_mapping, interpret=interpret)
+    out = ragged_paged_attention(
+        q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens, interpret=interpret
+    )
+    return out, (k_pages, v_pages)

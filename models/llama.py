@@ -1,0 +1,127 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) as a functional Flax model over a paged KV pool.
+
+`forward` is a pure function of (params, step inputs, KV pool) returning (logits, KV pool): every layer writes
+its new K/V into its own pages and attends through `models.attention`. The parameter tree is the one
+documented in docs/architecture.md, so loaders can build it without Flax.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from models.attention import AttentionMetadata, check_backend, paged_attention
+from models.config import ModelConfig
+from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+
+KVPool = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: 2 x f[Hkv, num_pages, page_size, head_dim]
+
+_init = nn.initializers.normal(0.02)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    attention: str
+
+    @nn.compact
+    def __call__(self, x, positions, kv_pages, metadata: AttentionMetadata):
+        cfg = self.cfg
+        dt = cfg.jnp_dtype
+        d, hd = cfg.hidden_size, cfg.head_dim
+        q_width, kv_width = cfg.num_q_heads * hd, cfg.num_kv_heads * hd
+
+        def param(name, shape, init=_init):
+            return self.param(name, init, shape, dt)
+
+        h = rms_norm(x, param("attn_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
+        q, k, v = (
+            h @ param("wq", (d, q_width)),
+            h @ param("wk", (d, kv_width)),
+            h @ param("wv", (d, kv_width)),
+        )
+        if cfg.qkv_bias:
+            zeros = nn.initializers.zeros
+            q, k, v = (
+                q + param("bq", (q_width,), zeros),
+                k + param("bk", (kv_width,), zeros),
+                v + param("bv", (kv_width,), zeros),
+            )
+        num_tokens = x.shape[0]
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q.reshape(num_tokens, cfg.num_q_heads, hd), positions, inv_freq)
+        k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, hd), positions, inv_freq)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, hd)
+        out, kv_pages = paged_attention(q, k, v, kv_pages, metadata, backend=self.attention)
+        x = x + out.reshape(num_tokens, q_width) @ param("wo", (q_width, d))
+
+        h = rms_norm(x, param("mlp_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
+        f = cfg.intermediate_size
+        x = x + swiglu(h, param("w_gate", (d, f)), param("w_up", (d, f)), param("w_down", (f, d)))
+        return x, kv_pages
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+    attention: str = "reference"
+
+    @nn.compact
+    def __call__(self, token_ids, positions, kv_pool: KVPool, metadata: AttentionMetadata, logits_indices):
+        cfg = self.cfg
+        dt = cfg.jnp_dtype
+        embed = self.param("embed", _init, (cfg.vocab_size, cfg.hidden_size), dt)
+        x = jnp.take(embed, token_ids, axis=0)
+        new_pool = []
+        # A Python loop, not a scan: each layer's pages stay separate donated buffers updated in place.
+        for i in range(cfg.num_layers):
+            x, kv_pages = DecoderLayer(cfg, self.attention, name=f"layers_{i}")(
+                x, positions, kv_pool[i], metadata
+            )
+            new_pool.append(kv_pages)
+        # Only the rows that will be sampled go through the final norm and the vocabulary projection.
+        x = rms_norm(
+            x[logits_indices],
+            self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,), dt),
+            cfg.rms_norm_eps,
+        )
+        if cfg.tie_word_embeddings:
+            head = embed.T
+        else:
+            head = self.param("lm_head", _init, (cfg.hidden_size, cfg.vocab_size), dt)
+        logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+        return logits, tuple(new_pool)
+
+
+def init_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> KVPool:
+    """Zeroed pages for every layer; page 0 is the null page and is never handed to a request."""
+    if num_pages < 2:
+        raise ValueError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be positive, got {page_size}")
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random parameters (normal, std 0.02; norms at 1) in the documented tree, for tests and benchmarks."""
+    pool = init_kv_pool(cfg, num_pages=2, page_size=1)
+    one = jnp.zeros((1,), jnp.int32)
+    metadata = AttentionMetadata(one, jnp.array([0, 1], jnp.int32), jnp.ones((1,), jnp.int32), one[None])
+    init = jax.jit(lambda k: Llama(cfg).init(k, one, one, pool, metadata, one)["params"])
+    return init(key)
+
+
+def forward(
+    params: dict,
+    cfg: ModelConfig,
+    token_ids: jax.Array,  # i32[T]
+    positions: jax.Array,  # i32[T]
+    kv_pool: KVPool,
+    metadata: AttentionMetadata,
+    logits_indices: jax.Array,  # i32[N]
+    *,
+    attention: str = "reference",
+) -> tuple[jax.Array, KVPool]:  # (f32[N, vocab], updated pool)
+    check_backend(attention)
+    return Llama(cfg, attention).apply(
+        {"params": params}, token_ids, positions, kv_pool, metadata, logits_indices
+    )
