@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ragged_paged_attention import TOLERANCE, lower_for_h100, make_paged_case
+from test_ragged_paged_attention import CASES, TOLERANCE, lower_for_h100, make_paged_case
 
 from pallas_kernels import tuning
 from pallas_kernels.paged_attention import num_splits, paged_attention, paged_attention_reference
@@ -43,16 +43,6 @@ def check(args, dtype, sm_scale=None, blocks=None):
 def _lengths(page_size):
     # Lengths 1, page_size - 1, page_size + 1, long (several KV blocks), and an empty padding row.
     return [1, page_size - 1, page_size + 1, 0, 150]
-
-
-CASES = [
-    # (num_q_heads, num_kv_heads, head_dim, page_size, dtype): group sizes 1, 3, 4, 8, head_dim 64 and 128,
-    # page sizes 8, 16, 32 and both dtypes each appear at least once.
-    (2, 2, 64, 8, jnp.float32),
-    (9, 3, 64, 16, jnp.bfloat16),  # SmolLM2's heads
-    (4, 1, 128, 32, jnp.float32),
-    (16, 2, 128, 8, jnp.bfloat16),
-]
 
 
 class TestPagedAttentionInterpret:
