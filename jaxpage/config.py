@@ -1,0 +1,137 @@
+"""The engine's configuration: one frozen dataclass, validated when built, shared by every host-side piece."""
+
+import dataclasses
+import math
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+_PREEMPTION_MODES = ("recompute", "swap")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not (_is_int(value) and value > 0):
+        raise ValueError(f"engine config field {name} must be a positive int, got {value!r}")
+
+
+def _check_buckets(name: str, buckets) -> None:
+    if not (isinstance(buckets, tuple) and buckets):
+        raise ValueError(f"engine config field {name} must be a non-empty tuple of ints, got {buckets!r}")
+    for value in buckets:
+        _check_positive_int(name, value)
+    if list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"engine config field {name} must be strictly increasing, got {buckets!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loads the model, sizes the KV pool and batches requests.
+
+    Every step is padded to one of a few shapes (a token bucket, a row bucket, a pages-per-row bucket), so jit
+    compiles a small, fixed set of programs that can all be built at warm-up.
+    """
+
+    model: str | None = None  # GGUF file or safetensors directory; None = the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"  # parameters and activations
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # KV pool size including the null page 0; wins over kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.9  # of the device memory left free after loading the weights
+    max_num_seqs: int = 64  # requests running at once (rows of a step)
+    max_num_batched_tokens: int = 512  # tokens run in one step, prefill and decode together
+    max_model_len: int | None = None  # prompt + output tokens of one request; None = the model's context
+    token_buckets: tuple[int, ...] = (16, 64, 256, 512)
+    seq_buckets: tuple[int, ...] = (4, 16, 64)
+    page_buckets: tuple[int, ...] = (8, 32, 128, 512)  # pages per row of the page table
+    attention_backend: str = "auto"  # "auto": pallas on GPU, the pure-jnp reference elsewhere
+    compilation_cache_dir: str | None = ".cache/jax"  # JAX's persistent compilation cache; None = off
+    checkpoint_cache_dir: str | None = ".cache/checkpoints"  # converted weights; None = convert every time
+    seed: int = 0  # base of every request's sampling key, and of the seeds given to requests without one
+    enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
+    preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
+    swap_space_gib: float = 4.0  # host memory holding swapped-out pages (preemption_mode "swap")
+    max_logprobs: int = 20  # the most top alternatives a request may ask for (logprobs, prompt_logprobs)
+
+    def __post_init__(self):
+        if self.model is not None and not (isinstance(self.model, str) and self.model):
+            raise ValueError(
+                f"engine config field model must be a non-empty path or None, got {self.model!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"engine config field dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_pages is not None and not (_is_int(self.num_pages) and self.num_pages >= 2):
+            # Page 0 is the null page, so a pool needs at least one more to hold anything.
+            raise ValueError(
+                f"engine config field num_pages must be an int >= 2 or None, got {self.num_pages!r}"
+            )
+        fraction = self.kv_cache_memory_fraction
+        if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ValueError(
+                f"engine config field kv_cache_memory_fraction must be in (0, 1], got {fraction!r}"
+            )
+        if self.max_model_len is not None and not (_is_int(self.max_model_len) and self.max_model_len >= 2):
+            raise ValueError(
+                f"engine config field max_model_len must be an int >= 2 or None, got {self.max_model_len!r}"
+            )
+        for name in ("token_buckets", "seq_buckets", "page_buckets"):
+            _check_buckets(name, getattr(self, name))
+        if self.token_buckets[-1] < self.max_num_batched_tokens:
+            raise ValueError(
+                f"engine config: the largest token bucket ({self.token_buckets[-1]}) must be >= "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens})"
+            )
+        if self.seq_buckets[-1] < self.max_num_seqs:
+            raise ValueError(
+                f"engine config: the largest seq bucket ({self.seq_buckets[-1]}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if self.max_model_len is not None:
+            self.check_page_buckets(self.max_model_len)
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(
+                f"engine config field attention_backend must be one of {_ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        for name in ("compilation_cache_dir", "checkpoint_cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(
+                    f"engine config field {name} must be a non-empty path or None, got {value!r}"
+                )
+        if not isinstance(self.enable_prefix_caching, bool):
+            value = self.enable_prefix_caching
+            raise ValueError(f"engine config field enable_prefix_caching must be a bool, got {value!r}")
+        if self.preemption_mode not in _PREEMPTION_MODES:
+            raise ValueError(
+                f"engine config field preemption_mode must be one of {_PREEMPTION_MODES}, "
+                f"got {self.preemption_mode!r}"
+            )
+        swap = self.swap_space_gib
+        if not (
+            isinstance(swap, int | float) and not isinstance(swap, bool) and math.isfinite(swap) and swap >= 0
+        ):
+            raise ValueError(f"engine config field swap_space_gib must be a number >= 0, got {swap!r}")
+        if not (_is_int(self.max_logprobs) and self.max_logprobs >= 0):
+            raise ValueError(
+                f"engine config field max_logprobs must be an int >= 0, got {self.max_logprobs!r}"
+            )
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**32):
+            raise ValueError(f"engine config field seed must be an int in [0, 2**32), got {self.seed!r}")
+
+    def pages_per_seq(self, max_model_len: int) -> int:
+        """Pages one request can hold at most: one for every token but the last, whose K/V is never needed."""
+        return -(-(max_model_len - 1) // self.page_size)
+
+    def check_page_buckets(self, max_model_len: int) -> None:
+        """Raises unless the largest page bucket can hold a request of max_model_len tokens."""
+        needed = self.pages_per_seq(max_model_len)
+        if self.page_buckets[-1] < needed:
+            raise ValueError(
+                f"engine config: the largest page bucket ({self.page_buckets[-1]}) must be >= {needed}, the "
+                f"pages of a {max_model_len}-token request at page_size {self.page_size}; raise page_buckets "
+                "or lower max_model_len"
+            )

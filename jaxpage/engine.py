@@ -1,0 +1,406 @@
+"""The engine: requests in, one scheduled step at a time on the device, text and tokens out.
+
+Each `step` schedules (host), packs a padded batch, runs one jit-compiled step with the KV pool donated,
+samples on the device, then advances requests, detokenizes incrementally and applies stop strings. A bad
+request is refused by `add_request` with a ValueError and leaves nothing behind; it never fails the engine.
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from jaxpage import page_copy
+from jaxpage.batch import StepInputs, build_step_inputs, step_size
+from jaxpage.config import EngineConfig
+from jaxpage.metrics import EngineMetrics, RequestMetrics, request_metrics
+from jaxpage.page_pool import PagePool
+from jaxpage.request import Request, RequestStatus
+from jaxpage.runner import Runner, kv_bytes_per_page
+from jaxpage.sampling import MAX_TOP_K, SampledTokens
+from jaxpage.sampling_params import SamplingParams, sample_seed
+from jaxpage.scheduler import Scheduler
+from jaxpage.tokenizer import IncrementalDetokenizer, Tokenizer
+from models.config import ModelConfig
+from models.default_model import default_model_path
+from models.llama import init_params
+from models.loaders import load_model
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int  # which sample of the request (0 .. best_of - 1)
+    text: str  # everything released so far; special tokens left out, a matched stop string cut off
+    token_ids: list[int]  # every generated token, including the EOS or stop token that ended generation
+    finish_reason: str | None  # "stop", "length", "abort"; None while generating
+    logprobs: list[float] | None  # per token of token_ids, when asked for
+    new_text: str  # what this step added to text
+    new_token_ids: list[int]  # what this step added to token_ids
+    cumulative_logprob: float  # sum of the sampled tokens' log-probabilities
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]  # the n completions (with best_of > n: the n best, once finished)
+    finished: bool
+    metrics: RequestMetrics  # of sample 0
+
+
+class _TextState:
+    """Detokenizes one request incrementally and watches for its stop strings.
+
+    Text that could still be the start of a stop string is held back, so a stream never shows text that the
+    final output will not have.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, request: Request):
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer, request.prompt_token_ids, skip_special_tokens=True
+        )
+        self.stop = request.sampling_params.stop
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.released = 0  # characters of text already handed out
+        self.num_tokens = 0  # output tokens already detokenized
+
+    def update(self, token_ids: list[int], finished: bool, check_stop: bool = True) -> bool:
+        """Feeds the request's output tokens (all of them; the new ones are taken); True if a stop string
+        now appears in the text (looked for only when `check_stop`), which is then cut where it starts."""
+        start = max(0, len(self.text) - self.holdback)  # a match must end in the new text
+        self.text += self.detokenizer.add(token_ids[self.num_tokens :])
+        self.num_tokens = len(token_ids)
+        if finished:
+            self.text += self.detokenizer.flush()
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0] if check_stop else []
+        if found:
+            self.text = self.text[: min(found)]
+        return bool(found)
+
+    def release(self, finished: bool) -> str:
+        """The text not yet handed out, short of what may still turn into a stop string."""
+        end = len(self.text) if finished else max(self.released, len(self.text) - self.holdback)
+        new = self.text[self.released : end]
+        self.released = end
+        return new
+
+
+def _random_params(model_config: ModelConfig, seed: int, scale: float) -> dict:
+    import jax  # only random weights need a key; loaded checkpoints arrive as numpy
+
+    if not (isinstance(scale, int | float) and scale > 0):
+        raise ValueError(f"random_weight_scale must be a positive number, got {scale!r}")
+    params = init_params(model_config, jax.random.key(seed))
+    # Norm weights (1-D, all ones) keep their value; matrices are scaled.
+    return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+
+
+class LLMEngine:
+    """Serves many requests at once; drive it with `step` (or `stream`) and feed it with `add_request`."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        random_model: ModelConfig | None = None,
+        random_weight_scale: float = 1.0,
+    ):
+        """Loads `config.model` (the embedded SmolLM2 when None), or builds random weights of `random_model`'s
+        shape (tests and speed runs); the tokenizer always comes from `config.model`.
+
+        random_weight_scale multiplies the random weight matrices (std 0.02 from `init_params`). At 0.02 a
+        tiny model mostly echoes its last token; around 0.2 its output depends on the whole context, which is
+        what a test of batching and paging needs.
+        """
+        self.config = config
+        model_path = Path(config.model) if config.model is not None else default_model_path()
+        if not model_path.exists():
+            raise ValueError(f"model {str(model_path)!r} does not exist")
+        self.tokenizer = (
+            Tokenizer.from_hf_dir(model_path) if model_path.is_dir() else Tokenizer.from_gguf(model_path)
+        )
+        if random_model is None:
+            model_config, params = load_model(model_path, config.dtype, cache_dir=config.checkpoint_cache_dir)
+        else:
+            model_config = dataclasses.replace(random_model, dtype=config.dtype)
+            params = _random_params(model_config, config.seed, random_weight_scale)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            # Larger ids would index past the embedding table, which a gather clamps silently.
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                f"({model_config.vocab_size})"
+            )
+        self.model_config = model_config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's context "
+                f"({model_config.max_position_embeddings})"
+            )
+        config.check_page_buckets(self.max_model_len)
+        self.runner = Runner(model_config, params, config)
+        self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
+        num_swap_pages = 0
+        if config.preemption_mode == "swap":
+            num_swap_pages = int(config.swap_space_gib * 2**30) // kv_bytes_per_page(
+                model_config, config.page_size
+            )
+        self.scheduler = Scheduler(
+            self.pool,
+            page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            preemption_mode=config.preemption_mode,
+            num_swap_pages=num_swap_pages,
+        )
+        self._text: dict[str, _TextState] = {}  # by sample request id
+        self._groups: dict[str, _Group] = {}  # by request id
+        self._group_of: dict[str, _Group] = {}  # by sample request id
+        self._swapped: dict[str, np.ndarray] = {}  # host copies of swapped-out pages, by sample request id
+        self._ids = itertools.count()
+        self._num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queues a request given as text, token ids, or chat messages (rendered with the model's template).
+
+        Returns:
+          The request id (a fresh one unless given).
+        Raises:
+          ValueError naming the field, when the request cannot be served; the engine is then unchanged.
+        """
+        prompt_token_ids = self.encode_prompt(prompt, messages)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        self._check_supported(params)
+        if request_id is None:
+            request_id = f"request-{next(self._ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        eos = frozenset(self.tokenizer.eos_token_ids)
+        num_samples = params.num_samples
+        samples = []
+        for index in range(num_samples):
+            # Sample i runs as a request of its own with a seed derived from the request's (see sample_seed);
+            # the later ones share the first one's prompt pages.
+            sample_params = dataclasses.replace(params, n=1, best_of=None)
+            if params.seed is not None:
+                sample_params = dataclasses.replace(sample_params, seed=sample_seed(params.seed, index))
+            sample_id = request_id if num_samples == 1 else f"{request_id}#{index}"
+            fork_source = samples[0] if samples else None
+            samples.append(Request(sample_id, prompt_token_ids, sample_params, eos, fork_source=fork_source))
+        try:
+            for sample in samples:
+                self.scheduler.add_request(sample)
+        except ValueError:
+            for sample in samples:
+                self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
+            raise
+        for sample in samples:
+            self._text[sample.request_id] = _TextState(self.tokenizer, sample)
+        group = self._groups[request_id] = _Group(request_id, params, samples)
+        for sample in samples:
+            self._group_of[sample.request_id] = group
+        return request_id
+
+    def _check_supported(self, params: SamplingParams) -> None:
+        """Refuses what the configuration or the device sampler cannot serve, rather than ignoring it."""
+        if params.top_k > MAX_TOP_K:
+            raise ValueError(
+                f"top_k must be <= {MAX_TOP_K} (the sampler's candidate count), got {params.top_k}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"{name} must be <= max_logprobs ({self.config.max_logprobs}), got {value}")
+        # Each parameter is served once the step inputs (or the sampler's output) carry its field.
+        needs = {
+            "min_p": (params.min_p != 0, "min_p" in StepInputs._fields),
+            "repetition_penalty": (
+                params.repetition_penalty != 1,
+                "repetition_penalty" in StepInputs._fields,
+            ),
+            "presence_penalty": (params.presence_penalty != 0, "presence_penalty" in StepInputs._fields),
+            "frequency_penalty": (params.frequency_penalty != 0, "frequency_penalty" in StepInputs._fields),
+            "logprobs": ((params.logprobs or 0) > 0, "top_logprobs" in SampledTokens._fields),
+            "prompt_logprobs": (params.prompt_logprobs is not None, "prompt_logprobs" in StepInputs._fields),
+            "use_beam_search": (params.use_beam_search, False),
+        }
+        for name, (asked, served) in needs.items():
+            if asked and not served:
+                raise ValueError(f"{name}={getattr(params, name)!r} is not supported yet")
+
+    def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
+        """Prompt token ids of a text prompt, token ids, or chat messages; ValueError for an unusable one."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if messages is not None:
+            token_ids = self.tokenizer.encode_chat(messages)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must be a non-empty string, got ''")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list):
+            vocab = self.model_config.vocab_size
+            if not (prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt)):
+                raise ValueError(
+                    f"prompt token ids must be a non-empty list of ints in [0, {vocab}), got {prompt!r}"
+                )
+            token_ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {prompt!r}")
+        if not token_ids:
+            raise ValueError(f"prompt encodes to no tokens: {prompt!r}")
+        return token_ids
+
+    def abort(self, request_id: str) -> None:
+        """Drops a request (all its samples), queued, running or swapped; its pages and swap space are free on
+        return. Unknown ids are ignored."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        for sample in group.samples:
+            self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
+        self._forget(group)
+
+    def _forget(self, group: "_Group") -> None:
+        del self._groups[group.request_id]
+        for sample in group.samples:
+            del self._group_of[sample.request_id]
+            del self._text[sample.request_id]
+            self._swapped.pop(sample.request_id, None)
+
+    def metrics(self) -> EngineMetrics:
+        scheduler = self.scheduler
+        return EngineMetrics(
+            num_steps=self._num_steps,
+            kv_usage=self.pool.num_used_pages / self.pool.num_usable_pages,
+            num_cached_pages=self.pool.num_cached_pages,
+            prefix_query_tokens=scheduler.num_prefix_query_tokens,
+            prefix_hit_tokens=scheduler.num_prefix_hit_tokens,
+            num_preemptions=scheduler.num_preemptions,
+            num_swap_outs=scheduler.num_swap_outs,
+            num_swap_ins=scheduler.num_swap_ins,
+            num_copies=scheduler.num_copies,
+            num_evictions=self.pool.num_evictions,
+        )
+
+    def warmup(self) -> None:
+        """Compiles every bucket now, so no step compiles while serving."""
+        self.runner.warmup()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    # ---- stepping ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns an output for every request that got a token, finished or not."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            assert not self.scheduler.has_unfinished_requests, (
+                "requests are waiting but none could be scheduled"
+            )
+            return []
+        self._move_pages(scheduled)
+        bucket = self.runner.bucket_for(*step_size(scheduled))
+        sampled = self.runner.step(build_step_inputs(scheduled, bucket, self.config.page_size))
+        self._num_steps += 1
+        outputs = {}
+        for sample in self.scheduler.update_from_output(scheduled, sampled):
+            group = self._group_of[sample.request_id]
+            self._update_text(sample)
+            outputs[group.request_id] = group
+        results = []
+        for group in outputs.values():
+            output = group.output(self._text)
+            if output is None:
+                continue
+            if output.finished:
+                self._forget(group)
+            results.append(output)
+        return results
+
+    def _move_pages(self, scheduled) -> None:
+        # Before the step: save the victims' pages before anything can overwrite them, restore swapped-in
+        # requests, then give writers their private copies of shared pages.
+        pool = self.runner.kv_pool
+        for request_id, page_ids in scheduled.swap_out.items():
+            self._swapped[request_id] = page_copy.gather_pages(pool, page_ids)
+        for request_id, page_ids in scheduled.swap_in.items():
+            pool = page_copy.scatter_pages(pool, page_ids, self._swapped.pop(request_id))
+        pool = page_copy.copy_pages(pool, scheduled.copies)
+        self.runner.kv_pool = pool
+
+    def stream(self) -> Iterator[RequestOutput]:
+        """Steps until no request is left, yielding outputs as they come; requests may be added or aborted
+        between items, and the loop picks them up."""
+        while self.scheduler.has_unfinished_requests:
+            yield from self.step()
+
+    def _update_text(self, request: Request) -> None:
+        text = self._text[request.request_id]
+        check_stop = request.num_output_tokens >= request.sampling_params.min_tokens
+        if text.update(request.output_token_ids, request.is_finished, check_stop):
+            if request.is_finished:  # the same token also hit max_tokens: the stop string is the reason
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+
+class _Group:
+    """The samples of one request and how their completions are reported."""
+
+    def __init__(self, request_id: str, params: SamplingParams, samples: list[Request]):
+        self.request_id = request_id
+        self.params = params
+        self.samples = samples
+        self.reported = [0] * len(samples)  # output tokens of each sample already reported
+
+    def output(self, texts: dict[str, _TextState]) -> RequestOutput | None:
+        """The request's output now; None while best_of > n is still generating (the best are unknown)."""
+        finished = all(sample.is_finished for sample in self.samples)
+        chosen = list(range(len(self.samples)))
+        if len(self.samples) > self.params.n:
+            if not finished:
+                return None
+            chosen.sort(key=lambda i: -self.samples[i].cumulative_logprob)
+            chosen = sorted(chosen[: self.params.n])
+        completions = []
+        for index in chosen:
+            sample = self.samples[index]
+            text = texts[sample.request_id]
+            before = self.reported[index]
+            self.reported[index] = sample.num_output_tokens
+            new_text = text.release(sample.is_finished)
+            wants_logprobs = sample.sampling_params.logprobs is not None
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=text.text[: text.released],
+                    token_ids=list(sample.output_token_ids),
+                    finish_reason=sample.status.finish_reason,
+                    logprobs=list(sample.output_logprobs) if wants_logprobs else None,
+                    new_text=new_text,
+                    new_token_ids=sample.output_token_ids[before:],
+                    cumulative_logprob=sample.cumulative_logprob,
+                )
+            )
+        return RequestOutput(
+            self.request_id,
+            self.samples[0].prompt_token_ids,
+            completions,
+            finished,
+            request_metrics(self.samples[0]),
+        )

@@ -1,0 +1,69 @@
+"""Device-side page moves over the KV pool (a tuple of per-layer `(k_pages, v_pages)`, each
+`[num_kv_heads, num_pages, page_size, head_dim]`): copy-on-write copies, and swapping pages to host memory and
+back.
+
+The pool is donated, so XLA updates it in place. Page lists are padded to a power of two with the null page 0
+(a copy 0 -> 0, a gather of page 0, a scatter into page 0: all harmless, since no visible position reads page
+0), so only a few shapes are ever compiled.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KVPool = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def _padded(page_ids: list[int]) -> np.ndarray:  # -> i32[next power of two >= len(page_ids)]
+    size = 1 << max(0, len(page_ids) - 1).bit_length()
+    out = np.zeros(size, np.int32)
+    out[: len(page_ids)] = page_ids
+    return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy(kv_pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:  # src, dst: i32[N]
+    # Every read sees the pool as it was before the call, so a page may be both a source and a destination.
+    return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv_pool)
+
+
+@jax.jit
+def _gather(kv_pool: KVPool, page_ids: jax.Array) -> jax.Array:  # page_ids: i32[N]
+    return jnp.stack([jnp.stack((k[:, page_ids], v[:, page_ids])) for k, v in kv_pool])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(kv_pool: KVPool, page_ids: jax.Array, data: jax.Array) -> KVPool:
+    return tuple(
+        (k.at[:, page_ids].set(data[layer, 0]), v.at[:, page_ids].set(data[layer, 1]))
+        for layer, (k, v) in enumerate(kv_pool)
+    )
+
+
+def copy_pages(kv_pool: KVPool, copies: list[tuple[int, int]]) -> KVPool:
+    """Copies page `src` to page `dst` for every `(src, dst)` in all layers; returns the updated pool (the
+    argument is donated and must not be used again)."""
+    if not copies:
+        return kv_pool
+    src = _padded([s for s, _ in copies])
+    dst = _padded([d for _, d in copies])
+    return _copy(kv_pool, src, dst)
+
+
+def gather_pages(kv_pool: KVPool, page_ids: list[int]) -> np.ndarray:
+    """The K/V of `page_ids` in host memory: f[num_layers, 2, num_kv_heads, len(page_ids), page_size,
+    head_dim] in the pool's dtype (2: K then V). The pool is left as it is."""
+    assert page_ids and 0 not in page_ids, page_ids
+    return np.asarray(jax.device_get(_gather(kv_pool, _padded(page_ids))))[:, :, :, : len(page_ids)]
+
+
+def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVPool:
+    """Writes `data` (what `gather_pages` returned, for as many pages) into `page_ids`; returns the updated
+    pool (the argument is donated)."""
+    assert page_ids and 0 not in page_ids and data.shape[3] == len(page_ids), (page_ids, data.shape)
+    padded = _padded(page_ids)
+    width = [(0, 0)] * data.ndim
+    width[3] = (0, len(padded) - len(page_ids))
+    return _scatter(kv_pool, padded, np.pad(data, width))

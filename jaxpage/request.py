@@ -1,0 +1,100 @@
+"""One sequence being served: its tokens, how many of them have K/V in pages, and its page table."""
+
+import enum
+import time
+
+from jaxpage.page_pool import PageKey
+from jaxpage.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no pages
+    RUNNING = "running"  # admitted; holds pages for its computed (and this step's) tokens
+    PREEMPTED = "preempted"  # pages taken back; waits at the queue's head to recompute its tokens
+    SWAPPED = "swapped"  # pages copied to host memory; waits at the queue's head to copy them back
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = "abort"  # the caller gave up on it
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style reason ("stop", "length", "abort"), None while unfinished."""
+        return self.value if self.is_finished else None
+
+
+class Request:
+    """Mutable state of one request, owned by the scheduler once added.
+
+    The K/V of `all_token_ids[:num_computed_tokens]` is in `page_ids`; the remaining tokens still have to run.
+    A decoding request has exactly one such token: the one it sampled last step.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        *,
+        fork_source: "Request | None" = None,
+        extra_key=None,
+    ):
+        """`fork_source`: a request with the same prompt whose pages this one shares when admitted after it
+        (the samples of one prompt). `extra_key`: whatever else changes the K/V, part of its page keys."""
+        assert prompt_token_ids, "an empty prompt must be rejected before a Request is built"
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[float] = []
+        self.num_computed_tokens = 0
+        self.page_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.cumulative_logprob = 0.0  # of the sampled tokens, whether or not logprobs were asked for
+        self.fork_source = fork_source
+        self.extra_key = extra_key
+        self.page_keys: list[PageKey] = []  # prefix-cache keys of the leading full pages known so far
+        self.num_registered_pages = 0  # leading pages already offered to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache (or shared) at first admission
+        self.num_swapped_pages = 0  # pages held in host swap space while SWAPPED
+        # Monotonic timestamps for the metrics; None until the event happens.
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, pages={len(self.page_ids)})"
+        )

@@ -1,0 +1,368 @@
+"""Iteration-level continuous batching: which tokens of which requests run in the next step.
+
+Every request only has `num_computed_tokens`; each step the scheduler hands out token counts under a budget.
+A decoding request asks for 1 token, a new one for its whole prompt, and a prompt longer than what is left of
+the budget gets a chunk now and the rest later (chunked prefill), so prefill and decode share one step. A
+prefill chunk never takes the token that a decoding request behind it needs, so decoding never stalls.
+
+Pages come from a `PagePool`: a new request first takes the leading full pages of its prompt from the prefix
+cache (or, for the samples of one prompt, from the sample admitted first); a page shared by several requests
+is copied before one of them writes into it (copy-on-write). When the pool runs dry, the most recently
+admitted request is preempted: its pages are freed and it recomputes later, or (preemption_mode "swap")
+they are copied to host memory and back. The device copies are listed in `SchedulerOutput`; the engine
+runs them before the step, in the order swap out, swap in, copies.
+"""
+
+import collections
+import dataclasses
+import time
+
+from jaxpage.page_pool import PagePool, page_hashes
+from jaxpage.request import Request, RequestStatus
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    """Row of a step: `request.all_token_ids[c : c + num_new_tokens]` run now.
+
+    `c` is `request.num_computed_tokens`. Pages for those tokens are already in `request.page_ids`.
+    """
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples_token(self) -> bool:
+        """Whether the step reaches the end of the request's known tokens, so its sampled token is kept.
+        Read it before `update_from_output`, which advances `num_computed_tokens`."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # row b of the step's batch, in running order
+    preempted: list[Request]  # pages taken back this step (recomputed or swapped when readmitted)
+    # Device work to do before the step, in this order (see the module docstring):
+    swap_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages to host
+    swap_in: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages from host
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) copy-on-write
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS continuous batching over a `PagePool`, with prefix sharing and preemption.
+
+    Running requests are served first, in admission order. When one of them needs a page and none is free,
+    the most recently admitted request gives its pages back and returns to the head of the queue, so it is the
+    first to be readmitted and never starves. Waiting requests are admitted in arrival order while a row, the
+    token budget and pages allow; the head of the queue blocks the ones behind it, so none is overtaken.
+    """
+
+    def __init__(
+        self,
+        pool: PagePool,
+        *,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        preemption_mode: str = "recompute",
+        num_swap_pages: int = 0,
+    ):
+        assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
+        assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
+        self.pool = pool
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.preemption_mode = preemption_mode
+        self.num_swap_pages = num_swap_pages
+        self.num_used_swap_pages = 0
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # admission order; preemption takes from the end
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        # Counters for the metrics.
+        self.num_preemptions = 0
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admission
+        self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
+        self.num_copies = 0
+
+    # ---- requests in and out -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queues a request. Raises ValueError, holding nothing, if it could never run."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens, which leaves no room to generate within max_model_len "
+                f"({self.max_model_len})"
+            )
+        # A request that cannot fit the whole pool on its own would preempt itself forever. (Alone it shares
+        # no page it writes into, so it needs no copy-on-write page either.)
+        max_total = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
+        needed = self._pages_for(max_total - 1)
+        if needed > self.pool.num_usable_pages:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({request.sampling_params.max_tokens}) needs "
+                f"{needed} KV pages of {self.page_size} tokens, but the pool has {self.pool.num_usable_pages}"
+            )
+        assert (
+            request.status == RequestStatus.WAITING
+            and not request.page_ids
+            and request.num_computed_tokens == 0
+        )
+        if self.pool.enable_prefix_caching:
+            request.page_keys = page_hashes(request.prompt_token_ids, self.page_size, request.extra_key)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Ends a request early (abort, or a stop string found by the detokenizer); frees its pages (and its
+        swap space) at once. Unknown or already finished ids are ignored (None), since a caller may race a
+        natural finish."""
+        assert status.is_finished
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, status)
+        return request
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_stored_tokens(self) -> int:
+        """Tokens whose K/V sits in pages; with `pool.num_used_pages * page_size` it gives the KV waste."""
+        return sum(request.num_computed_tokens for request in self.running)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput(scheduled=[], preempted=[])
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            remaining = request.num_tokens - request.num_computed_tokens
+            assert remaining > 0, f"{request} is running with nothing to compute"
+            # Keep one token of the budget for every decoding request behind this one.
+            reserve = 0 if remaining == 1 else sum(self._is_decoding(r) for r in self.running[i + 1 :])
+            num_new = min(remaining, budget - reserve)
+            if num_new <= 0:
+                i += 1
+                continue
+            # Victims come from the end of `running`, behind `request`, so none was scheduled this step yet.
+            while not self._allocate(request, num_new, out.copies):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if request.status == RequestStatus.RUNNING:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+
+        # Admitting right after a preemption would only hand the freed pages to a newer request.
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if not self._admit(request, budget, out):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            num_new = out.scheduled[-1].num_new_tokens
+            budget -= num_new
+        return out
+
+    def update_from_output(self, output: SchedulerOutput, sampled) -> list[Request]:
+        """Advances the requests of a finished step, offers their newly full pages to the prefix cache and
+        applies token stops (EOS, stop_token_ids, max_tokens, max_model_len, none before min_tokens); a
+        finished request's pages are free when this returns.
+
+        Args:
+          output: what `schedule` returned for the step.
+          sampled: the step's samples: `token_ids` i32[rows] and `logprobs` f32[rows], row b for
+            `output.scheduled[b]` (extra padding rows are ignored).
+        Returns:
+          The requests that got a new token this step, finished or not, in row order.
+        """
+        updated = []
+        now = time.monotonic()
+        for row, item in enumerate(output.scheduled):
+            request = item.request
+            if request.is_finished:  # aborted after the step was scheduled; its pages are already free
+                continue
+            assert request.status == RequestStatus.RUNNING, request
+            samples_token = item.samples_token
+            request.num_computed_tokens += item.num_new_tokens
+            self._cache_full_pages(request)
+            if not samples_token:  # a prompt chunk short of the end: its sample predicts a known token
+                continue
+            request.output_token_ids.append(int(sampled.token_ids[row]))
+            logprob = float(sampled.logprobs[row])
+            request.cumulative_logprob += logprob
+            if request.sampling_params.logprobs is not None:
+                request.output_logprobs.append(logprob)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._stop_status(request)
+            if status is not None:
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _is_decoding(self, request: Request) -> bool:
+        return request.num_tokens - request.num_computed_tokens == 1
+
+    def _allocate(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> bool:
+        """Gives the request pages for its next `num_new` tokens, first copying a shared page it is about to
+        write into; False (changing nothing) if too few pages are free."""
+        first = request.num_computed_tokens
+        index = first // self.page_size  # the page the first new token goes to
+        cow = index < len(request.page_ids) and self.pool.ref_count(request.page_ids[index]) > 1
+        # A cached page is full and computed: only a sibling that forked off before its last token writes
+        # into one again (the same token), and then into a private copy.
+        assert cow or index >= len(request.page_ids) or not self.pool.is_cached(request.page_ids[index])
+        needed = self._pages_for(first + num_new) - len(request.page_ids) + cow
+        if needed <= 0:
+            return True
+        if not self.pool.can_allocate(needed):
+            return False
+        if cow:
+            shared = request.page_ids[index]
+            (private,) = self.pool.allocate(1)
+            copies.append((shared, private))
+            self.pool.free([shared])
+            request.page_ids[index] = private
+            self.num_copies += 1
+            needed -= 1
+        request.page_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
+        """Gives the head of the queue its pages and schedules it; False (holding nothing) if it must wait."""
+        if request.status == RequestStatus.SWAPPED:
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            needed = max(self._pages_for(request.num_computed_tokens + num_new), request.num_swapped_pages)
+            if not self.pool.can_allocate(needed):
+                return False
+            pages = self.pool.allocate(needed)
+            out.swap_in[request.request_id] = pages[: request.num_swapped_pages]
+            request.page_ids = pages
+            self.num_used_swap_pages -= request.num_swapped_pages
+            request.num_swapped_pages = 0
+            self.num_swap_ins += 1
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            return True
+
+        assert not request.page_ids and request.num_computed_tokens == 0, request
+        # At least the last token is computed, for its logits.
+        reusable = request.num_tokens - 1
+        source = request.fork_source
+        if source is not None and source.status == RequestStatus.RUNNING and not request.output_token_ids:
+            if source.num_computed_tokens < reusable:
+                return False  # wait for the sibling sample to compute the shared prompt
+            request.page_ids = source.page_ids[: self._pages_for(reusable)]
+            self.pool.share(request.page_ids)
+            request.num_computed_tokens = reusable
+        else:
+            request.page_ids = self.pool.lookup(request.page_keys[: reusable // self.page_size])
+            request.num_computed_tokens = len(request.page_ids) * self.page_size
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        if not self._allocate(request, num_new, out.copies):
+            self.pool.free(request.page_ids[::-1])
+            request.page_ids = []
+            request.num_computed_tokens = 0
+            return False
+        request.num_registered_pages = request.num_computed_tokens // self.page_size
+        if request.first_scheduled_time is None:  # count each request's hits once, not again after preemption
+            self.num_prefix_query_tokens += request.num_prompt_tokens
+            self.num_prefix_hit_tokens += request.num_computed_tokens
+            request.num_cached_tokens = request.num_computed_tokens
+        out.scheduled.append(ScheduledRequest(request, num_new))
+        return True
+
+    def _cache_full_pages(self, request: Request) -> None:
+        if not self.pool.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.page_size
+        if num_full <= request.num_registered_pages:
+            return
+        if len(request.page_keys) < num_full:
+            tokens = request.all_token_ids[: num_full * self.page_size]
+            request.page_keys = page_hashes(tokens, self.page_size, request.extra_key, request.page_keys)
+        for index in range(request.num_registered_pages, num_full):
+            self.pool.cache(request.page_ids[index], request.page_keys[index])
+        request.num_registered_pages = num_full
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        num_pages = len(request.page_ids)
+        swap = (
+            self.preemption_mode == "swap"
+            and self.num_used_swap_pages + num_pages <= self.num_swap_pages
+            and request.num_computed_tokens > 0
+        )
+        if swap:  # all of its pages go to host memory, or none (recompute)
+            out.swap_out[request.request_id] = list(request.page_ids)
+            request.num_swapped_pages = num_pages
+            self.num_used_swap_pages += num_pages
+            self.num_swap_outs += 1
+            request.status = RequestStatus.SWAPPED
+        else:
+            request.num_computed_tokens = 0
+            request.num_registered_pages = 0
+            request.status = RequestStatus.PREEMPTED
+        self.pool.free(request.page_ids[::-1])
+        request.page_ids = []
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(request)
+        self.waiting.appendleft(request)  # victims are taken newest first, so the oldest ends up at the head
+
+    def _stop_status(self, request: Request) -> RequestStatus | None:
+        token = request.output_token_ids[-1]
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and (
+            (not params.ignore_eos and token in request.eos_token_ids) or token in params.stop_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        if request.status == RequestStatus.SWAPPED:
+            self.num_used_swap_pages -= request.num_swapped_pages
+            request.num_swapped_pages = 0
+        self.pool.free(request.page_ids[::-1])
+        request.page_ids = []
+        request.status = status
+        request.finished_time = time.monotonic()
+        del self.requests[request.request_id]

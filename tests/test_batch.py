@@ -1,0 +1,139 @@
+import zlib
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from jaxpage.batch import Bucket, BucketGrid, build_step_inputs, request_seed, step_size
+from jaxpage.request import Request
+from jaxpage.sampling_params import SamplingParams
+from jaxpage.scheduler import ScheduledRequest, SchedulerOutput
+
+PAGE = 4
+
+
+def _request(request_id, prompt, pages, computed=0, output=(), **params):
+    request = Request(request_id, list(prompt), SamplingParams(**params))
+    request.output_token_ids = list(output)
+    request.num_computed_tokens = computed
+    request.page_ids = list(pages)
+    return request
+
+
+def _step(*rows):
+    return SchedulerOutput(scheduled=[ScheduledRequest(r, n) for r, n in rows], preempted=[])
+
+
+def test_prefill_chunk_and_decode_rows_are_packed_back_to_back():
+    # Row 0: a 10-token prompt whose first 4 tokens are in pages; 6 more run now (positions 4..9).
+    prefill = _request("a", range(100, 110), pages=[7, 3, 9], computed=4, temperature=0.0)
+    # Row 1: a decode step: 5 prompt tokens + 2 outputs in pages except the last output (position 6).
+    decode = _request(
+        "b",
+        [1, 2, 3, 4, 5],
+        pages=[5, 2],
+        computed=6,
+        output=[60, 61],
+        temperature=0.8,
+        top_k=5,
+        top_p=0.9,
+        seed=42,
+    )
+    inputs = build_step_inputs(_step((prefill, 6), (decode, 1)), Bucket(16, 4, 4), PAGE)
+
+    assert inputs.bucket == Bucket(16, 4, 4)
+    np.testing.assert_array_equal(inputs.token_ids, [104, 105, 106, 107, 108, 109, 61] + [0] * 9)
+    np.testing.assert_array_equal(inputs.positions, [4, 5, 6, 7, 8, 9, 6] + [0] * 9)
+    # slot = page_ids[pos // PAGE] * PAGE + pos % PAGE; padding writes slot 0 (the null page).
+    np.testing.assert_array_equal(inputs.slot_mapping, [12, 13, 14, 15, 36, 37, 10] + [0] * 9)
+    np.testing.assert_array_equal(inputs.cu_q_lens, [0, 6, 7, 7, 7])
+    np.testing.assert_array_equal(inputs.kv_lens, [10, 7, 0, 0])
+    np.testing.assert_array_equal(inputs.page_table, [[7, 3, 9, 0], [5, 2, 0, 0], [0] * 4, [0] * 4])
+    np.testing.assert_array_equal(inputs.logits_indices[:2], [5, 6])
+    assert np.all((inputs.logits_indices >= 0) & (inputs.logits_indices < 16))
+    np.testing.assert_allclose(inputs.temperature, [0, 0.8, 0, 0])
+    np.testing.assert_array_equal(inputs.top_k, [0, 5, 0, 0])
+    np.testing.assert_allclose(inputs.top_p, [1, 0.9, 1, 1])
+    assert inputs.seeds[1] == 42
+    np.testing.assert_array_equal(inputs.sample_positions, [10, 7, 0, 0])
+    assert not inputs.all_greedy
+    for name, dtype in (
+        ("token_ids", np.int32),
+        ("slot_mapping", np.int32),
+        ("page_table", np.int32),
+        ("temperature", np.float32),
+        ("top_p", np.float32),
+        ("seeds", np.uint32),
+    ):
+        assert getattr(inputs, name).dtype == dtype, name
+
+
+def test_all_greedy_when_no_row_samples():
+    rows = [(_request(str(i), [1, 2, 3], pages=[i + 1], temperature=0.0), 3) for i in range(3)]
+    assert build_step_inputs(_step(*rows), Bucket(16, 4, 2), PAGE).all_greedy
+
+
+def test_unseeded_request_gets_a_seed_fixed_by_its_id():
+    request = _request("req-7", [1], pages=[1])
+    assert request_seed(request) == zlib.crc32(b"req-7")
+    assert request_seed(_request("x", [1], pages=[1], seed=5)) == 5
+
+
+def test_step_size_counts_tokens_rows_and_widest_page_table():
+    a = _request("a", range(9), pages=[1, 2, 3])
+    b = _request("b", range(2), pages=[4])
+    assert step_size(_step((a, 9), (b, 2))) == (11, 2, 3)
+
+
+def test_bucket_grid_selects_the_smallest_fitting_bucket():
+    grid = BucketGrid((8, 32, 128), (4, 16), (2, 8))
+    assert grid.select(5, 3, 1) == Bucket(8, 4, 2)
+    assert grid.select(9, 3, 3) == Bucket(32, 4, 8)
+    assert grid.select(10, 10, 8) == Bucket(32, 16, 8)  # 10 rows need the 16-row bucket, hence >= 16 tokens
+    assert grid.select(128, 16, 8) == Bucket(128, 16, 8)
+    assert all(b.num_rows <= b.num_tokens for b in grid.buckets)
+    assert grid.select(6, 6, 2) in grid.buckets  # a row bucket above the token need still has a bucket
+
+
+def test_bucket_grid_caps_row_buckets_at_the_largest_token_bucket():
+    grid = BucketGrid((8, 16), (4, 64), (2,))
+    assert grid.seq_buckets == (4, 16)
+    assert grid.select(16, 16, 1) == Bucket(16, 16, 2)
+
+
+@pytest.mark.parametrize(
+    "size, field", [((129, 1, 1), "num_tokens"), ((64, 17, 1), "num_rows"), ((64, 4, 9), "max_pages")]
+)
+def test_bucket_grid_rejects_a_step_beyond_every_bucket(size, field):
+    with pytest.raises(ValueError, match=field):
+        BucketGrid((8, 32, 128), (4, 16), (2, 8)).select(*size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_every_token_writes_its_own_slot_in_its_own_pages(data):
+    num_pages = 40
+    free = list(range(1, num_pages))
+    data.draw(st.randoms(use_true_random=False)).shuffle(free)
+    rows = []
+    for i in range(data.draw(st.integers(1, 4))):
+        total = data.draw(st.integers(1, 20))
+        computed = data.draw(st.integers(0, total - 1))
+        pages = [free.pop() for _ in range(-(-total // PAGE))]
+        request = _request(str(i), range(1, total + 1), pages=pages, computed=computed)
+        rows.append((request, total - computed))
+    inputs = build_step_inputs(_step(*rows), Bucket(128, 4, 8), PAGE)
+
+    real = inputs.cu_q_lens[len(rows)]
+    slots = inputs.slot_mapping[:real]
+    assert len(set(slots.tolist())) == real and np.all(slots >= PAGE), "slots collide or hit the null page"
+    assert np.all(inputs.slot_mapping[real:] == 0)
+    for b, (request, n) in enumerate(rows):
+        lo, hi = inputs.cu_q_lens[b], inputs.cu_q_lens[b + 1]
+        assert hi - lo == n and inputs.kv_lens[b] == request.num_tokens
+        for t in range(lo, hi):
+            pos = inputs.positions[t]
+            assert request.page_ids[pos // PAGE] * PAGE + pos % PAGE == inputs.slot_mapping[t]
+            assert inputs.token_ids[t] == request.all_token_ids[pos]
+        assert inputs.logits_indices[b] == hi - 1

@@ -1,0 +1,157 @@
+"""scripts/generate.py: bad lines fail alone with the field named, and batching changes no greedy output."""
+
+import importlib.util
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxpage import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "generate.py"
+TINY_GIN = str(ROOT / "configs" / "tiny_test.gin")
+# 23 usable pages of 8 tokens (184 tokens) for up to 8 running requests of up to ~150 tokens: requests must
+# wait for pages, and running ones get preempted.
+SMALL_POOL = ["EngineConfig.num_pages = 24"]
+GOOD = json.dumps({"prompt": "Hello there", "max_tokens": 3, "temperature": 0})
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM.from_gin([TINY_GIN], SMALL_POOL)
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_to_full(request):
+    yield
+    if "llm" in request.fixturenames:
+        engine = request.getfixturevalue("llm").engine
+        assert not engine.has_unfinished_requests()
+        assert engine.pool.num_free_pages == engine.pool.num_usable_pages
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": ""}', "prompt must be a non-empty string"),
+        (json.dumps({"prompt": "word " * 400}), "max_model_len"),
+        ('{"prompt": "hi", "max_tokens": 0}', "max_tokens must be"),
+        ('{"prompt": "hi", "temperature": -0.5}', "temperature must be"),
+        ('{"prompt": "hi", "temperature": NaN}', "temperature must be"),
+        ('{"prompt": "hi", "top_p": 0}', "top_p must be"),
+        ('{"prompt": "hi", "top_p": 1.5}', "top_p must be"),
+        ('{"prompt": "hi", "top_k": -1}', "top_k must be"),
+        ('{"messages": [{"role": "wizard", "content": "hi"}]}', r"messages\[0\]\.role must be one of"),
+        ('{"prompt": "hi", "max_tokens": 3', "not valid JSON"),
+        ('{"prompt": "hi", "temprature": 0.5}', "unknown field 'temprature'"),
+        ('{"max_tokens": 3}', "exactly one of the fields prompt and messages"),
+        ('{"prompt": "hi", "id": [1]}', "id must be"),
+        ('["hi"]', "must be a JSON object"),
+    ],
+)
+def test_bad_line_gets_an_error_naming_the_field_and_the_rest_is_served(llm, line, message):
+    rows = generate_script.serve(llm, [GOOD, line, "", GOOD.replace("there", "again")])
+    assert len(rows) == 3
+    assert rows[1]["id"] == 2 and set(rows[1]) == {"id", "error"}
+    assert rows[1]["error"].startswith("line 2: ")
+    assert re.search(message, rows[1]["error"]), rows[1]["error"]
+    for row in (rows[0], rows[2]):
+        assert row["outputs"][0]["finish_reason"] == "length" and len(row["outputs"][0]["token_ids"]) == 3
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--input={missing}", f"--output={tmp_path / 'out.jsonl'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"--input file '{missing}' does not exist" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def _mixed_requests(count: int) -> list[dict]:
+    """Prompts of 1 to ~100 tokens, half plain text and half chat, each with its own max_tokens."""
+    rng = random.Random(0)
+    words = "page pool token batch kernel cache step prefill decode warp tile block query key value".split()
+    lines = []
+    for i in range(count):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 60 if i % 2 else 90)))
+        line = {"id": f"r{i}", "max_tokens": rng.randint(1, 40), "temperature": 0}
+        if i % 2:
+            line["messages"] = [{"role": "user", "content": text}]
+        else:
+            line["prompt"] = text
+        lines.append(line)
+    return lines
+
+
+def test_64_greedy_requests_cli_equals_generate_equals_each_alone(llm, tmp_path):
+    lines = _mixed_requests(64)
+    input_path, output_path = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    input_path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    bindings = [f"--gin_bindings={binding}" for binding in SMALL_POOL]
+    cli = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--gin_file={TINY_GIN}", *bindings, f"--input={input_path}",
+         f"--output={output_path}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    rows = [json.loads(row) for row in output_path.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [line["id"] for line in lines]
+    assert "EngineConfig.num_pages = 24" in (tmp_path / "out.config.gin").read_text()
+
+    prompts = [line.get("prompt") or line["messages"] for line in lines]
+    params = [SamplingParams(max_tokens=line["max_tokens"], temperature=0) for line in lines]
+    scheduler = llm.engine.scheduler
+    waited_for_pages = []  # per step: a request waited although a row was free
+
+    def watched_schedule(schedule=scheduler.schedule):
+        output = schedule()
+        waited_for_pages.append(bool(scheduler.waiting) and len(scheduler.running) < scheduler.max_num_seqs)
+        return output
+
+    scheduler.schedule = watched_schedule
+    try:
+        batched = llm.generate(prompts, params)
+    finally:
+        del scheduler.schedule
+    assert any(waited_for_pages), "the pool never made a request wait for pages: make it smaller"
+
+    for row, output, prompt, param in zip(rows, batched, prompts, params, strict=True):
+        [alone] = llm.generate([prompt], param)
+        single = alone.outputs[0]
+        expected = (alone.prompt_token_ids, single.token_ids, single.text, single.finish_reason)
+        completion = output.outputs[0]
+        assert (
+            output.prompt_token_ids,
+            completion.token_ids,
+            completion.text,
+            completion.finish_reason,
+        ) == expected
+        completion = row["outputs"][0]
+        cli = (
+            row["prompt_token_ids"],
+            completion["token_ids"],
+            completion["text"],
+            completion["finish_reason"],
+        )
+        assert cli == expected
+        assert 1 <= len(single.token_ids) <= param.max_tokens

@@ -1,0 +1,181 @@
+import contextlib
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from jaxpage.batch import build_step_inputs, step_size
+from jaxpage.config import EngineConfig
+from jaxpage.page_pool import PagePool
+from jaxpage.request import Request, RequestStatus
+from jaxpage.runner import Runner, kv_bytes_per_page, kv_pool_pages
+from jaxpage.sampling_params import SamplingParams
+from jaxpage.scheduler import Scheduler
+from models.config import ModelConfig
+from models.llama import init_params
+
+TINY = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
+CONFIG = EngineConfig(
+    page_size=4,
+    num_pages=37,  # an odd size, so the pool's buffers are easy to tell apart in the HLO
+    max_num_seqs=4,
+    max_num_batched_tokens=16,
+    max_model_len=64,
+    token_buckets=(8, 16),
+    seq_buckets=(4,),
+    page_buckets=(4, 16),
+    attention_backend="auto",
+    compilation_cache_dir=None,
+)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    # At init's std of 0.02 a tiny model barely looks at its context; larger weights make every token depend
+    # on the whole prefix, so a paging or batching mistake changes the output.
+    params = jax.tree.map(lambda x: x * 10, init_params(TINY, jax.random.key(0)))
+    runner = Runner(TINY, params, CONFIG)
+    runner.warmup()
+    return runner
+
+
+def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=None):
+    """Serves the prompts through a fresh scheduler on the runner; returns {id: output tokens}."""
+    pool = PagePool(num_pages or runner.num_pages)
+    scheduler = Scheduler(
+        pool,
+        page_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=budget,
+        max_model_len=TINY.max_position_embeddings,
+    )
+    requests = [Request(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    pending = list(requests)
+    steps = 0
+    while pending or scheduler.has_unfinished_requests:
+        if pending:  # one arrival per step, so prefill and decode rows mix
+            scheduler.add_request(pending.pop(0))
+        output = scheduler.schedule()
+        bucket = runner.bucket_for(*step_size(output))
+        scheduler.update_from_output(output, runner.step(build_step_inputs(output, bucket, runner.page_size)))
+        steps += 1
+        if steps == abort_after:
+            scheduler.finish_request(requests[0].request_id, RequestStatus.FINISHED_ABORTED)
+        pool.check_invariants([r.page_ids for r in scheduler.running])
+    assert pool.num_free_pages == pool.num_usable_pages, "pages leaked"
+    return {r.request_id: r.output_token_ids for r in requests}
+
+
+def _prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, TINY.vocab_size, size=rng.integers(1, 30)).tolist() for _ in range(n)]
+
+
+def _params(n):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    sampled = [SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=s) for s in range(n)]
+    return [greedy if i % 2 == 0 else sampled[i] for i in range(n)]
+
+
+def test_batching_chunking_and_preemption_change_no_tokens(runner):
+    prompts, params = _prompts(8), _params(8)
+    alone = {}
+    for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+        alone[str(i)] = _serve(runner, [prompt], [sp])["0"]
+    batched = _serve(runner, prompts, params)
+    # A small budget chunks every long prompt; a small pool makes requests wait for pages and preempts.
+    squeezed = _serve(runner, prompts, params, num_pages=14, budget=8)
+    assert batched == alone
+    assert squeezed == alone
+    assert len({tuple(tokens) for tokens in alone.values()}) == len(alone)
+
+
+def test_greedy_decode_equals_prefill_from_scratch(runner):
+    # Decoding reads K/V written by earlier steps; a fresh prefill of the whole text computes it all at once.
+    prompt = _prompts(1, seed=3)[0]
+    decoded = _serve(runner, [prompt], [SamplingParams(max_tokens=8, temperature=0.0)])["0"]
+    text = list(prompt)
+    for _ in range(8):
+        text += _serve(runner, [text], [SamplingParams(max_tokens=1, temperature=0.0)])["0"]
+    assert text[len(prompt) :] == decoded
+
+
+class _CompilationCounter:
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, duration, **kwargs):
+        if event in self.EVENTS:
+            self.events.append(event)
+
+
+@contextlib.contextmanager
+def _count_compilations():
+    counter = _CompilationCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def test_mixed_workload_compiles_nothing_after_warmup(runner):
+    assert set(runner._forward_programs) == set(runner.buckets)
+    prompts, params = _prompts(10, seed=1), _params(10)
+    with _count_compilations() as counter:
+        _serve(runner, prompts, params, num_pages=20, budget=16, abort_after=3)
+        _serve(runner, prompts[:2], [SamplingParams(max_tokens=3, temperature=0.0)] * 2)
+    assert counter.events == []
+    # The counter does see a compilation when one happens.
+    with _count_compilations() as counter:
+        jax.jit(lambda x: x * 3)(np.arange(5)).block_until_ready()
+    assert counter.events
+
+
+def test_kv_pool_is_donated_and_updated_in_place(runner):
+    pointers = [a.unsafe_buffer_pointer() for layer in runner.kv_pool for a in layer]
+    _serve(runner, _prompts(2, seed=2), [SamplingParams(max_tokens=2, temperature=0.0)] * 2)
+    assert [a.unsafe_buffer_pointer() for layer in runner.kv_pool for a in layer] == pointers
+
+    hlo = runner._forward_programs[runner.buckets[-1]].as_text()
+    header = next(line for line in hlo.splitlines() if "input_output_alias" in line)
+    assert header.count("-alias)") == 2 * TINY.num_layers
+    page_shape = f"f32[{TINY.num_kv_heads},{CONFIG.num_pages},{CONFIG.page_size},{TINY.head_dim}]"
+    copies = [line for line in hlo.splitlines() if " copy(" in line and page_shape in line]
+    assert copies == [], "the step copies a KV-sized buffer"
+
+
+def test_persistent_compilation_cache_stores_the_step_programs(tmp_path):
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        config = dataclasses.replace(CONFIG, compilation_cache_dir=str(tmp_path / "jax"))
+        local = Runner(TINY, init_params(TINY, jax.random.key(1)), config)
+        local.warmup(local.buckets[:1])
+        assert any((tmp_path / "jax").iterdir())
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        compilation_cache.reset_cache()
+
+
+def test_kv_pool_size_from_memory_fraction_is_capped_by_what_requests_can_use():
+    config = dataclasses.replace(CONFIG, num_pages=None, kv_cache_memory_fraction=0.5)
+    # 4 rows x 16 pages for a 64-token request, plus the null page; the host has far more memory than that.
+    assert kv_pool_pages(TINY, config, max_model_len=64) == 4 * 16 + 1
+    assert kv_pool_pages(TINY, CONFIG, max_model_len=64) == CONFIG.num_pages
+    huge = dataclasses.replace(TINY, num_layers=10**6, num_kv_heads=64, num_q_heads=64, head_dim=1024)
+    assert kv_bytes_per_page(huge, 4) > 2**40
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
+        kv_pool_pages(huge, dataclasses.replace(config, kv_cache_memory_fraction=1e-6), max_model_len=64)
