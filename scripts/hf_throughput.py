@@ -5,7 +5,7 @@ served the way `generate` serves them: in static batches of `--batch_size`, in t
 the batch's longest prompt, every batch running until its longest requested output is done. Greedy, float32,
 EOS suppressed (`min_new_tokens`), so each request yields exactly the tokens it asked for.
 
-    .venv-hf/bin/python scripts/hf_throughput.py --requests /tmp/requests.json --output /tmp/hf.json
+    .venv-hf/bin/python scripts/hf_throughput.py --requests requests.json --output hf.json
 
 Input JSON: {"requests": [{"prompt_token_ids": [int], "max_tokens": int}]}. Output JSON: load_seconds,
 generate_seconds, output_tokens (the requested ones), generated_tokens (including the tokens of requests
