@@ -14,15 +14,6 @@ def llm():
     return LLM.from_gin(["configs/tiny_test.gin"])
 
 
-@pytest.fixture(autouse=True)
-def pool_returns_to_full(request):
-    yield
-    if "llm" in request.fixturenames:
-        engine = request.getfixturevalue("llm").engine
-        assert not engine.has_unfinished_requests()
-        assert engine.pool.num_free_pages == engine.pool.num_usable_pages
-
-
 def token_ids(outputs):
     return [output.outputs[0].token_ids for output in outputs]
 

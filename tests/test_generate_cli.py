@@ -36,15 +36,6 @@ def llm():
     return LLM.from_gin([TINY_GIN], SMALL_POOL)
 
 
-@pytest.fixture(autouse=True)
-def pool_returns_to_full(request):
-    yield
-    if "llm" in request.fixturenames:
-        engine = request.getfixturevalue("llm").engine
-        assert not engine.has_unfinished_requests()
-        assert engine.pool.num_free_pages == engine.pool.num_usable_pages
-
-
 @pytest.mark.parametrize(
     "line, message",
     [
