@@ -4,10 +4,9 @@ The fake model also keeps a fake KV store keyed by slot, so a page written by on
 a page freed too early, or a token computed out of order all change the outputs or trip an assert.
 """
 
-import hashlib
-
 import hypothesis.strategies as st
 import pytest
+from fake_kv_model import EOS, VOCAB, FakeKVModel, next_token
 from hypothesis import given, settings
 
 from jaxpage.page_pool import PagePool
@@ -15,48 +14,14 @@ from jaxpage.request import Request, RequestStatus
 from jaxpage.sampling_params import SamplingParams
 from jaxpage.scheduler import Scheduler
 
-VOCAB = 50
-EOS = 0
 
+class FakeModel(FakeKVModel):
+    """The shared fake model, also checking that every step stays within the scheduler's budgets."""
 
-class FakeSamples:
-    def __init__(self, token_ids):
-        self.token_ids = token_ids
-        self.logprobs = [-float(t) for t in token_ids]
-
-
-def next_token(prefix: list[int]) -> int:
-    digest = hashlib.blake2b(bytes(str(prefix), "ascii"), digest_size=4).digest()
-    return int.from_bytes(digest, "little") % VOCAB
-
-
-class FakeModel:
-    """Writes each computed token into its slot and predicts from what the pages hold, as attention would."""
-
-    def __init__(self, page_size: int):
-        self.page_size = page_size
-        self.slots: dict[int, tuple[int, int]] = {}  # slot -> (position, token)
-
-    def step(self, output, max_num_batched_tokens: int, max_num_seqs: int) -> FakeSamples:
+    def step(self, output, max_num_batched_tokens: int, max_num_seqs: int):
         assert output.num_scheduled_tokens <= max_num_batched_tokens
         assert len(output.scheduled) <= max_num_seqs
-        samples = []
-        for item in output.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            tokens = request.all_token_ids
-            end = start + item.num_new_tokens
-            assert 0 < item.num_new_tokens and end <= len(tokens)
-            assert len(request.page_ids) * self.page_size >= end, "pages were not allocated ahead"
-            assert 0 not in request.page_ids
-            for pos in range(start, end):
-                self.slots[self._slot(request, pos)] = (pos, tokens[pos])
-            seen = [self.slots[self._slot(request, pos)] for pos in range(end)]
-            assert [p for p, _ in seen] == list(range(end)), "a page holds another request's tokens"
-            samples.append(next_token([t for _, t in seen]))
-        return FakeSamples(samples)
-
-    def _slot(self, request, pos):
-        return request.page_ids[pos // self.page_size] * self.page_size + pos % self.page_size
+        return super().step(output)
 
 
 def make_scheduler(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128):
