@@ -40,6 +40,21 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray  # f32[B]
     seeds: np.ndarray  # u32[B]
     sample_positions: np.ndarray  # i32[B]: position of the token sampled for the row
+    min_p: np.ndarray  # f32[B]; 0 = off
+    repetition_penalty: np.ndarray  # f32[B]; 1 = off
+    presence_penalty: np.ndarray  # f32[B]; 0 = off
+    frequency_penalty: np.ndarray  # f32[B]; 0 = off
+    # i32[B, H]: prompt then output tokens of each sampled row with penalties. H is the bucket's
+    # P * page_size when some row has them (every row's tokens fit its pages), else 0: no penalty program.
+    history: np.ndarray
+    history_prompt_lens: np.ndarray  # i32[B]: leading entries of `history` that are prompt tokens
+    history_lens: np.ndarray  # i32[B]: entries of `history` that are tokens; 0 for rows without penalties
+    # i32[T] when some row needs prompt logprobs (then the step computes logits at every token), else i32[0]:
+    # for each token of such a row, the prompt token that follows it (0 where none does).
+    prompt_logprob_targets: np.ndarray
+    # Whether some row reports top logprobs or runs a beam search: only then does the sampler find the
+    # `max_logprobs` likeliest tokens of every row (a vocabulary top-k: ~10 ms a CPU step at 64 rows).
+    wants_top_logprobs: bool = False
 
     @property
     def bucket(self) -> Bucket:
@@ -48,6 +63,14 @@ class StepInputs(NamedTuple):
     @property
     def all_greedy(self) -> bool:
         return not bool(np.any(self.temperature > 0))
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.history.shape[1] > 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return len(self.prompt_logprob_targets) > 0
 
 
 class BucketGrid:
@@ -96,9 +119,25 @@ def request_seed(request) -> int:
     return seed if seed is not None else zlib.crc32(request.request_id.encode())
 
 
-def padding_inputs(bucket: Bucket) -> StepInputs:
+def uses_penalties(params) -> bool:
+    return params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
+
+
+def prompt_logprob_positions(request, first: int, end: int) -> range:
+    """Positions of the step's tokens `first:end` of a request whose logits give a prompt logprob not yet
+    recorded in `request.prompt_logprobs` (the logits at position q give the logprob of prompt token q + 1).
+    Chunks are contiguous and a prefix-cache hit never covers unrecorded tokens, so there is no gap."""
+    start = len(request.prompt_logprobs) - 1  # recorded: positions 0 .. start (0 is None)
+    if not 0 <= start < request.num_prompt_tokens - 1:
+        return range(0)  # not asked for, or all recorded
+    assert first <= start, (request, first, start)
+    return range(start, min(end, request.num_prompt_tokens - 1))
+
+
+def padding_inputs(bucket: Bucket, history_width: int = 0, prompt_logprobs: bool = False) -> StepInputs:
     """Step inputs of the bucket's shape holding only padding: the arrays a step's rows are written into, and
-    the shapes and dtypes each bucket's program is compiled for."""
+    the shapes and dtypes each bucket's program is compiled for (a history of `history_width` tokens per row,
+    and prompt logprob targets when asked)."""
     t, b, p = bucket.num_tokens, bucket.num_rows, bucket.pages_per_row
     zeros = lambda *shape: np.zeros(shape, np.int32)
     return StepInputs(
@@ -114,6 +153,14 @@ def padding_inputs(bucket: Bucket) -> StepInputs:
         top_p=np.ones(b, np.float32),
         seeds=np.zeros(b, np.uint32),
         sample_positions=zeros(b),
+        min_p=np.zeros(b, np.float32),
+        repetition_penalty=np.ones(b, np.float32),
+        presence_penalty=np.zeros(b, np.float32),
+        frequency_penalty=np.zeros(b, np.float32),
+        history=zeros(b, history_width),
+        history_prompt_lens=zeros(b),
+        history_lens=zeros(b),
+        prompt_logprob_targets=zeros(t if prompt_logprobs else 0),
     )
 
 
@@ -130,7 +177,14 @@ def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -
     num_tokens, num_rows, max_pages = step_size(output)
     assert num_tokens <= bucket.num_tokens and num_rows <= bucket.num_rows, (output, bucket)
     assert max_pages <= bucket.pages_per_row, (max_pages, bucket)
-    x = padding_inputs(bucket)
+    penalised = [
+        item.samples_token and uses_penalties(item.request.sampling_params) for item in output.scheduled
+    ]
+    x = padding_inputs(
+        bucket, bucket.pages_per_row * page_size if any(penalised) else 0, prompt_logprobs=True
+    )
+    any_prompt_logprobs = False
+    wants_top_logprobs = False
 
     start = 0
     for row, item in enumerate(output.scheduled):
@@ -157,6 +211,23 @@ def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -
         x.top_k[row] = params.top_k
         x.top_p[row] = params.top_p
         x.seeds[row] = request_seed(request)
+        x.min_p[row] = params.min_p
+        wants_top_logprobs |= bool(params.logprobs) or params.use_beam_search
+        if penalised[row]:
+            x.repetition_penalty[row] = params.repetition_penalty
+            x.presence_penalty[row] = params.presence_penalty
+            x.frequency_penalty[row] = params.frequency_penalty
+            x.history[row, :end] = request.all_token_ids
+            x.history_prompt_lens[row] = request.num_prompt_tokens
+            x.history_lens[row] = end
+        if prompt_logprob_positions(request, first, end):
+            any_prompt_logprobs = True
+            following = pos[pos + 1 < request.num_prompt_tokens]
+            x.prompt_logprob_targets[start - n : start - n + len(following)] = [
+                request.prompt_token_ids[q + 1] for q in following
+            ]
     # Padded rows own empty ranges; their logits index stays 0, a valid token whose sample is dropped.
     x.cu_q_lens[num_rows + 1 :] = start
-    return x
+    if not any_prompt_logprobs:
+        x = x._replace(prompt_logprob_targets=x.prompt_logprob_targets[:0])
+    return x._replace(wants_top_logprobs=wants_top_logprobs)

@@ -52,7 +52,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
     preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
     swap_space_gib: float = 4.0  # host memory holding swapped-out pages (preemption_mode "swap")
-    max_logprobs: int = 20  # the most top alternatives a request may ask for (logprobs, prompt_logprobs)
+    # The most top alternatives a request may ask for (logprobs, prompt_logprobs); every sampler computes
+    # this many for every row, so keep it small.
+    max_logprobs: int = 20
+    # Warm-up also compiles each bucket's forward pass with logits at every token, which steps serving
+    # prompt_logprobs run; otherwise the first such step compiles it (twice the forward compilations).
+    warmup_prompt_logprobs: bool = False
 
     def __post_init__(self):
         if self.model is not None and not (isinstance(self.model, str) and self.model):
@@ -119,6 +124,9 @@ class EngineConfig:
             raise ValueError(
                 f"engine config field max_logprobs must be an int >= 0, got {self.max_logprobs!r}"
             )
+        if not isinstance(self.warmup_prompt_logprobs, bool):
+            value = self.warmup_prompt_logprobs
+            raise ValueError(f"engine config field warmup_prompt_logprobs must be a bool, got {value!r}")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**32):
             raise ValueError(f"engine config field seed must be an int in [0, 2**32), got {self.seed!r}")
 

@@ -13,79 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from jaxpage import page_copy
-from jaxpage.batch import StepInputs, build_step_inputs, step_size
+from jaxpage.batch import build_step_inputs, prompt_logprob_positions, step_size
+from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
-from jaxpage.metrics import EngineMetrics, RequestMetrics, request_metrics
+from jaxpage.metrics import EngineMetrics, request_metrics
+from jaxpage.outputs import CompletionOutput, RequestOutput, SampleGroup, TextState, top_dict
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
-from jaxpage.runner import Runner, kv_bytes_per_page
-from jaxpage.sampling import MAX_TOP_K, SampledTokens
+from jaxpage.runner import Runner, StepOutput, kv_bytes_per_page
+from jaxpage.sampling import MAX_TOP_K
 from jaxpage.sampling_params import SamplingParams, sample_seed
 from jaxpage.scheduler import Scheduler
-from jaxpage.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxpage.tokenizer import Tokenizer
 from models.config import ModelConfig
 from models.default_model import default_model_path
 from models.llama import init_params
 from models.loaders import load_model
-
-
-@dataclasses.dataclass
-class CompletionOutput:
-    index: int  # which sample of the request (0 .. best_of - 1)
-    text: str  # everything released so far; special tokens left out, a matched stop string cut off
-    token_ids: list[int]  # every generated token, including the EOS or stop token that ended generation
-    finish_reason: str | None  # "stop", "length", "abort"; None while generating
-    logprobs: list[float] | None  # per token of token_ids, when asked for
-    new_text: str  # what this step added to text
-    new_token_ids: list[int]  # what this step added to token_ids
-    cumulative_logprob: float  # sum of the sampled tokens' log-probabilities
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]  # the n completions (with best_of > n: the n best, once finished)
-    finished: bool
-    metrics: RequestMetrics  # of sample 0
-
-
-class _TextState:
-    """Detokenizes one request incrementally and watches for its stop strings.
-
-    Text that could still be the start of a stop string is held back, so a stream never shows text that the
-    final output will not have.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, request: Request):
-        self.detokenizer = IncrementalDetokenizer(
-            tokenizer, request.prompt_token_ids, skip_special_tokens=True
-        )
-        self.stop = request.sampling_params.stop
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.text = ""
-        self.released = 0  # characters of text already handed out
-        self.num_tokens = 0  # output tokens already detokenized
-
-    def update(self, token_ids: list[int], finished: bool, check_stop: bool = True) -> bool:
-        """Feeds the request's output tokens (all of them; the new ones are taken); True if a stop string
-        now appears in the text (looked for only when `check_stop`), which is then cut where it starts."""
-        start = max(0, len(self.text) - self.holdback)  # a match must end in the new text
-        self.text += self.detokenizer.add(token_ids[self.num_tokens :])
-        self.num_tokens = len(token_ids)
-        if finished:
-            self.text += self.detokenizer.flush()
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0] if check_stop else []
-        if found:
-            self.text = self.text[: min(found)]
-        return bool(found)
-
-    def release(self, finished: bool) -> str:
-        """The text not yet handed out, short of what may still turn into a stop string."""
-        end = len(self.text) if finished else max(self.released, len(self.text) - self.holdback)
-        new = self.text[self.released : end]
-        self.released = end
-        return new
 
 
 def _random_params(model_config: ModelConfig, seed: int, scale: float) -> dict:
@@ -157,9 +100,11 @@ class LLMEngine:
             preemption_mode=config.preemption_mode,
             num_swap_pages=num_swap_pages,
         )
-        self._text: dict[str, _TextState] = {}  # by sample request id
-        self._groups: dict[str, _Group] = {}  # by request id
-        self._group_of: dict[str, _Group] = {}  # by sample request id
+        self._text: dict[str, TextState] = {}  # by sample request id
+        self._groups: dict[str, SampleGroup] = {}  # by request id
+        self._group_of: dict[str, SampleGroup] = {}  # by sample request id
+        self._beams: dict[str, BeamGroup] = {}  # beam-search requests, by request id
+        self._beam_of: dict[str, BeamGroup] = {}  # by the request id of a live beam
         self._swapped: dict[str, np.ndarray] = {}  # host copies of swapped-out pages, by sample request id
         self._ids = itertools.count()
         self._num_steps = 0
@@ -186,15 +131,20 @@ class LLMEngine:
         self._check_supported(params)
         if request_id is None:
             request_id = f"request-{next(self._ids)}"
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._beams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         eos = frozenset(self.tokenizer.eos_token_ids)
+        if params.use_beam_search:
+            self._add_beam_search(request_id, prompt_token_ids, params, eos)
+            return request_id
         num_samples = params.num_samples
         samples = []
         for index in range(num_samples):
             # Sample i runs as a request of its own with a seed derived from the request's (see sample_seed);
             # the later ones share the first one's prompt pages.
             sample_params = dataclasses.replace(params, n=1, best_of=None)
+            if index > 0:  # the prompt's logprobs are reported once, from sample 0
+                sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
             if params.seed is not None:
                 sample_params = dataclasses.replace(sample_params, seed=sample_seed(params.seed, index))
             sample_id = request_id if num_samples == 1 else f"{request_id}#{index}"
@@ -207,12 +157,33 @@ class LLMEngine:
             for sample in samples:
                 self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
             raise
+        if params.prompt_logprobs is not None:
+            # A prefix-cache hit skips the logits of the cached tokens, so, as vLLM does, a request asking
+            # for prompt logprobs takes no hit: with no page keys yet its lookup finds nothing. Its own pages
+            # are still named and cached as it computes them, and after a preemption it may hit them again,
+            # which covers only tokens whose logprobs it has recorded.
+            samples[0].page_keys = []
         for sample in samples:
-            self._text[sample.request_id] = _TextState(self.tokenizer, sample)
-        group = self._groups[request_id] = _Group(request_id, params, samples)
+            self._text[sample.request_id] = TextState(self.tokenizer, sample)
+        group = self._groups[request_id] = SampleGroup(request_id, params, samples)
         for sample in samples:
             self._group_of[sample.request_id] = group
         return request_id
+
+    def _add_beam_search(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, eos: frozenset[int]
+    ) -> None:
+        # max(1, ...): a prompt that leaves no room is refused by the scheduler with its own message.
+        room = max(1, self.max_model_len - len(prompt_token_ids))
+        beam_params = beam_search_params(
+            params, eos, max_logprobs=self.config.max_logprobs, max_new_tokens=room
+        )
+        group = BeamGroup(request_id, prompt_token_ids, params, beam_params)
+        self.scheduler.add_request(group.first_request)
+        if params.prompt_logprobs is not None:
+            group.first_request.page_keys = []  # no prefix-cache hit: see add_request
+        self._beams[request_id] = group
+        self._beam_of[group.first_request.request_id] = group
 
     def _check_supported(self, params: SamplingParams) -> None:
         """Refuses what the configuration or the device sampler cannot serve, rather than ignoring it."""
@@ -224,22 +195,6 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
                 raise ValueError(f"{name} must be <= max_logprobs ({self.config.max_logprobs}), got {value}")
-        # Each parameter is served once the step inputs (or the sampler's output) carry its field.
-        needs = {
-            "min_p": (params.min_p != 0, "min_p" in StepInputs._fields),
-            "repetition_penalty": (
-                params.repetition_penalty != 1,
-                "repetition_penalty" in StepInputs._fields,
-            ),
-            "presence_penalty": (params.presence_penalty != 0, "presence_penalty" in StepInputs._fields),
-            "frequency_penalty": (params.frequency_penalty != 0, "frequency_penalty" in StepInputs._fields),
-            "logprobs": ((params.logprobs or 0) > 0, "top_logprobs" in SampledTokens._fields),
-            "prompt_logprobs": (params.prompt_logprobs is not None, "prompt_logprobs" in StepInputs._fields),
-            "use_beam_search": (params.use_beam_search, False),
-        }
-        for name, (asked, served) in needs.items():
-            if asked and not served:
-                raise ValueError(f"{name}={getattr(params, name)!r} is not supported yet")
 
     def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
         """Prompt token ids of a text prompt, token ids, or chat messages; ValueError for an unusable one."""
@@ -267,6 +222,11 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Drops a request (all its samples), queued, running or swapped; its pages and swap space are free on
         return. Unknown ids are ignored."""
+        beams = self._beams.pop(request_id, None)
+        if beams is not None:
+            for beam_id in beams.abort(self.scheduler):
+                self._forget_beam(beam_id)
+            return
         group = self._groups.get(request_id)
         if group is None:
             return
@@ -274,12 +234,16 @@ class LLMEngine:
             self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
         self._forget(group)
 
-    def _forget(self, group: "_Group") -> None:
+    def _forget(self, group: "SampleGroup") -> None:
         del self._groups[group.request_id]
         for sample in group.samples:
             del self._group_of[sample.request_id]
             del self._text[sample.request_id]
             self._swapped.pop(sample.request_id, None)
+
+    def _forget_beam(self, beam_id: str) -> None:
+        self._beam_of.pop(beam_id, None)
+        self._swapped.pop(beam_id, None)
 
     def metrics(self) -> EngineMetrics:
         scheduler = self.scheduler
@@ -315,10 +279,32 @@ class LLMEngine:
             return []
         self._move_pages(scheduled)
         bucket = self.runner.bucket_for(*step_size(scheduled))
-        sampled = self.runner.step(build_step_inputs(scheduled, bucket, self.config.page_size))
+        inputs = build_step_inputs(scheduled, bucket, self.config.page_size)
+        result = self.runner.step(inputs)
         self._num_steps += 1
+        if result.prompt_logprobs is not None:
+            record_prompt_logprobs(scheduled, inputs.cu_q_lens, result)
+        rows = {item.request.request_id: row for row, item in enumerate(scheduled.scheduled)}
         outputs = {}
-        for sample in self.scheduler.update_from_output(scheduled, sampled):
+        beam_outputs = []
+        for sample in self.scheduler.update_from_output(scheduled, result.sampled):
+            row = rows[sample.request_id]
+            beams = self._beam_of.get(sample.request_id)
+            if beams is not None:
+                if self._advance_beams(beams, sample, result.sampled, row):
+                    beam_outputs.append(self._beam_output(beams))
+                continue
+            k = sample.sampling_params.logprobs
+            if k is not None:
+                sampled = result.sampled
+                sample.output_top_logprobs.append(
+                    top_dict(
+                        sample.output_token_ids[-1],
+                        sampled.logprobs[row],
+                        sampled.top_token_ids[row, :k],
+                        sampled.top_logprobs[row, :k],
+                    )
+                )
             group = self._group_of[sample.request_id]
             self._update_text(sample)
             outputs[group.request_id] = group
@@ -330,7 +316,50 @@ class LLMEngine:
             if output.finished:
                 self._forget(group)
             results.append(output)
-        return results
+        return results + beam_outputs
+
+    def _advance_beams(self, beams: BeamGroup, request: Request, sampled, row: int) -> bool:
+        """Gives a beam's candidates to its group; True once the group's search is over."""
+        for beam_id in beams.update(
+            self.scheduler, request, sampled.top_token_ids[row], sampled.top_logprobs[row]
+        ):
+            self._forget_beam(beam_id)
+        for beam_id in beams.request_ids:
+            self._beam_of[beam_id] = beams
+        if beams.finished:
+            del self._beams[beams.request_id]
+        return beams.finished
+
+    def _beam_output(self, beams: BeamGroup) -> RequestOutput:
+        """The n best hypotheses, best first; a beam search reports only once it is over."""
+        first = beams.first_request
+        completions = []
+        for index, hypothesis in enumerate(beams.best()):
+            token_ids = list(hypothesis.token_ids)
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            wants_logprobs = first.sampling_params.logprobs is not None
+            logprobs = [{t: lp} for t, lp in zip(token_ids, hypothesis.logprobs, strict=True)]
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=text,
+                    token_ids=token_ids,
+                    finish_reason=hypothesis.finish_reason,
+                    logprobs=logprobs if wants_logprobs else None,
+                    new_text=text,
+                    new_token_ids=token_ids,
+                    cumulative_logprob=hypothesis.cumulative_logprob,
+                )
+            )
+        prompt_logprobs = first.prompt_logprobs if first.sampling_params.prompt_logprobs is not None else None
+        return RequestOutput(
+            beams.request_id,
+            first.prompt_token_ids,
+            completions,
+            True,
+            request_metrics(first),
+            list(prompt_logprobs) if prompt_logprobs is not None else None,
+        )
 
     def _move_pages(self, scheduled) -> None:
         # Before the step: save the victims' pages before anything can overwrite them, restore swapped-in
@@ -359,48 +388,25 @@ class LLMEngine:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
 
-class _Group:
-    """The samples of one request and how their completions are reported."""
+def record_prompt_logprobs(scheduled, cu_q_lens: np.ndarray, result: StepOutput) -> None:
+    """Appends to each row's `prompt_logprobs` the positions this step computed for the first time.
 
-    def __init__(self, request_id: str, params: SamplingParams, samples: list[Request]):
-        self.request_id = request_id
-        self.params = params
-        self.samples = samples
-        self.reported = [0] * len(samples)  # output tokens of each sample already reported
-
-    def output(self, texts: dict[str, _TextState]) -> RequestOutput | None:
-        """The request's output now; None while best_of > n is still generating (the best are unknown)."""
-        finished = all(sample.is_finished for sample in self.samples)
-        chosen = list(range(len(self.samples)))
-        if len(self.samples) > self.params.n:
-            if not finished:
-                return None
-            chosen.sort(key=lambda i: -self.samples[i].cumulative_logprob)
-            chosen = sorted(chosen[: self.params.n])
-        completions = []
-        for index in chosen:
-            sample = self.samples[index]
-            text = texts[sample.request_id]
-            before = self.reported[index]
-            self.reported[index] = sample.num_output_tokens
-            new_text = text.release(sample.is_finished)
-            wants_logprobs = sample.sampling_params.logprobs is not None
-            completions.append(
-                CompletionOutput(
-                    index=index,
-                    text=text.text[: text.released],
-                    token_ids=list(sample.output_token_ids),
-                    finish_reason=sample.status.finish_reason,
-                    logprobs=list(sample.output_logprobs) if wants_logprobs else None,
-                    new_text=new_text,
-                    new_token_ids=sample.output_token_ids[before:],
-                    cumulative_logprob=sample.cumulative_logprob,
+    cu_q_lens: i32[B + 1] of the step; called before `update_from_output` moves `num_computed_tokens`.
+    """
+    prompt = result.prompt_logprobs
+    for row, item in enumerate(scheduled.scheduled):
+        request = item.request
+        if request.is_finished:
+            continue
+        first = request.num_computed_tokens
+        k = request.sampling_params.prompt_logprobs
+        for q in prompt_logprob_positions(request, first, first + item.num_new_tokens):
+            t = cu_q_lens[row] + q - first  # the flat token at position q, whose logits predict q + 1
+            request.prompt_logprobs.append(
+                top_dict(
+                    request.prompt_token_ids[q + 1],
+                    prompt.logprobs[t],
+                    prompt.top_token_ids[t, :k],
+                    prompt.top_logprobs[t, :k],
                 )
             )
-        return RequestOutput(
-            self.request_id,
-            self.samples[0].prompt_token_ids,
-            completions,
-            finished,
-            request_metrics(self.samples[0]),
-        )

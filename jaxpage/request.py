@@ -56,6 +56,14 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[float] = []
+        # With sampling_params.logprobs = k: per output token, {token id: logprob} of the chosen token, then
+        # the k most likely (the chosen one once), as vLLM reports them.
+        self.output_top_logprobs: list[dict[int, float]] = []
+        # With sampling_params.prompt_logprobs = k: per prompt position computed so far, the same for the
+        # prompt token there; position 0 has nothing before it (None).
+        self.prompt_logprobs: list[dict[int, float] | None] = (
+            [None] if sampling_params.prompt_logprobs is not None else []
+        )
         self.num_computed_tokens = 0
         self.page_ids: list[int] = []
         self.status = RequestStatus.WAITING

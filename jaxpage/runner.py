@@ -1,16 +1,21 @@
 """Runs scheduled steps on the device: owns the parameters, the KV pool and one compiled program per bucket.
 
 Each bucket (T tokens, B rows, P pages per row) gets an ahead-of-time compiled forward pass with the KV pool
-donated, so XLA writes the new K/V into the pool's own buffers instead of copying the pool every step.
-Sampling is a second, small program per row bucket, in two variants (all rows greedy: argmax only; any row
-sampling), so the forward pass is compiled once per bucket rather than once per variant. Calling a compiled
-executable never recompiles: a shape outside the compiled buckets is compiled on the spot with a warning.
+donated, so XLA writes the new K/V into the pool's own buffers instead of copying the pool every step. A
+second forward variant computes the logits at all T tokens and the prompt logprobs from them; it runs only
+in steps where some request asks for prompt logprobs, and warm-up compiles it only when
+`EngineConfig.warmup_prompt_logprobs` is set (otherwise its first use compiles it, with a warning).
+Sampling is a separate, small program per row bucket, in three variants (all rows greedy: argmax only; any
+row sampling; any sampled row with penalties, per history width P * page_size), so the forward pass is
+compiled once per bucket rather than once per variant. Calling a compiled executable never recompiles: a
+shape outside the compiled buckets is compiled on the spot with a warning.
 """
 
 import concurrent.futures
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +24,15 @@ import numpy as np
 from jaxpage.batch import Bucket, BucketGrid, StepInputs, padding_inputs
 from jaxpage.compilation_cache import enable_compilation_cache
 from jaxpage.config import EngineConfig
-from jaxpage.sampling import SampledTokens, greedy_sample, sample
+from jaxpage.sampling import (
+    Penalties,
+    PromptLogprobs,
+    SampledTokens,
+    SamplingRows,
+    greedy_sample,
+    prompt_logprobs,
+    sample,
+)
 from models import llama
 from models.attention import AttentionMetadata
 from models.config import ModelConfig
@@ -86,9 +99,31 @@ def _forward_arrays(inputs: StepInputs) -> dict[str, np.ndarray]:
     return {name: getattr(inputs, name) for name in FORWARD_FIELDS}
 
 
-def _sampling_arrays(inputs: StepInputs) -> tuple[np.ndarray, ...]:
-    # The order of `sampling.sample`'s per-row parameters.
-    return inputs.temperature, inputs.top_k, inputs.top_p, inputs.seeds, inputs.sample_positions
+def _sampling_rows(inputs: StepInputs) -> SamplingRows:
+    return SamplingRows(
+        inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p, inputs.seeds, inputs.sample_positions
+    )
+
+
+def _penalties(inputs: StepInputs) -> Penalties:
+    return Penalties(
+        inputs.history,
+        inputs.history_prompt_lens,
+        inputs.history_lens,
+        inputs.repetition_penalty,
+        inputs.presence_penalty,
+        inputs.frequency_penalty,
+    )
+
+
+class StepOutput(NamedTuple):
+    sampled: SampledTokens  # numpy, every row of the bucket (padded rows included)
+    prompt_logprobs: PromptLogprobs | None  # numpy, every token of the bucket; None unless the step asked
+
+
+# Sampler variants: all rows greedy, some sampled, some with penalties (the last also per history width);
+# each with or without the top `max_logprobs` tokens of every row.
+_GREEDY, _SAMPLED, _PENALISED = "greedy", "sampled", "penalised"
 
 
 class Runner:
@@ -100,6 +135,7 @@ class Runner:
         self.model_config = model_config
         self.engine_config = engine_config
         self.page_size = engine_config.page_size
+        self.num_top_logprobs = engine_config.max_logprobs
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend)
         max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
         self.grid = BucketGrid(
@@ -109,11 +145,15 @@ class Runner:
         self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len)
         self.kv_pool = llama.init_kv_pool(model_config, self.num_pages, self.page_size)
         self._base_key = jax.random.key(engine_config.seed)
-        self._forward_jit = jax.jit(self._forward, donate_argnums=1)
-        self._sample_jit = jax.jit(sample)
-        self._greedy_jit = jax.jit(greedy_sample)
-        self._forward_programs: dict[Bucket, jax.stages.Compiled] = {}
-        self._sample_programs: dict[tuple[int, bool], jax.stages.Compiled] = {}
+        self._forward_jits = {
+            False: jax.jit(self._forward, donate_argnums=1),
+            True: jax.jit(self._forward_all_logits, donate_argnums=1),
+        }
+        self._sample_jit = jax.jit(sample, static_argnames="num_top_logprobs")
+        self._greedy_jit = jax.jit(greedy_sample, static_argnames="num_top_logprobs")
+        # Keyed by (bucket, all-token logits) and by (rows, variant, history width, top logprobs).
+        self._forward_programs: dict[tuple[Bucket, bool], jax.stages.Compiled] = {}
+        self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -124,87 +164,129 @@ class Runner:
 
     # ---- compilation ---------------------------------------------------------------------------------------
 
-    def _forward(self, params, kv_pool, step: dict):  # step: the FORWARD_FIELDS arrays of StepInputs
+    def _forward(self, params, kv_pool, step: dict, logits_indices=None):  # step: FORWARD_FIELDS arrays
         metadata = AttentionMetadata(
             step["slot_mapping"], step["cu_q_lens"], step["kv_lens"], step["page_table"]
         )
+        if logits_indices is None:
+            logits_indices = step["logits_indices"]
         return llama.forward(
             params, self.model_config, step["token_ids"], step["positions"], kv_pool, metadata,
-            step["logits_indices"], attention=self.attention_backend,
+            logits_indices, attention=self.attention_backend,
         )  # fmt: skip
 
-    def _compile_forward(self, bucket: Bucket) -> jax.stages.Compiled:
-        step = _abstract(_forward_arrays(padding_inputs(bucket)))
-        return self._forward_jit.lower(_abstract(self.params), _abstract(self.kv_pool), step).compile()
+    def _forward_all_logits(self, params, kv_pool, step: dict, targets):  # targets: i32[T]
+        """The forward pass with logits at every token: the prompt logprobs of the step's tokens, and the
+        rows' logits for sampling."""
+        num_tokens = step["token_ids"].shape[0]
+        logits, kv_pool = self._forward(params, kv_pool, step, jnp.arange(num_tokens, dtype=jnp.int32))
+        prompt = prompt_logprobs(logits, targets, self.num_top_logprobs)
+        return (logits[step["logits_indices"]], prompt), kv_pool
 
-    def _compile_sampler(self, num_rows: int, greedy: bool) -> jax.stages.Compiled:
+    def _compile_forward(self, bucket: Bucket, all_logits: bool) -> jax.stages.Compiled:
+        inputs = padding_inputs(bucket, prompt_logprobs=all_logits)
+        args = [_abstract(self.params), _abstract(self.kv_pool), _abstract(_forward_arrays(inputs))]
+        if all_logits:
+            args.append(_abstract(inputs.prompt_logprob_targets))
+        return self._forward_jits[all_logits].lower(*args).compile()
+
+    def _compile_sampler(
+        self, num_rows: int, variant: str, history_width: int, k: int
+    ) -> jax.stages.Compiled:
         logits = jax.ShapeDtypeStruct((num_rows, self.model_config.vocab_size), jnp.float32)
-        if greedy:
-            return self._greedy_jit.lower(logits).compile()
-        rows = _abstract(_sampling_arrays(padding_inputs(Bucket(num_rows, num_rows, 1))))
-        return self._sample_jit.lower(logits, *rows, self._base_key).compile()
+        if variant == _GREEDY:
+            return self._greedy_jit.lower(logits, num_top_logprobs=k).compile()
+        inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
+        rows = _abstract(_sampling_rows(inputs))
+        penalties = _abstract(_penalties(inputs)) if variant == _PENALISED else None
+        return self._sample_jit.lower(logits, rows, self._base_key, k, penalties).compile()
 
-    def _forward_program(self, bucket: Bucket) -> jax.stages.Compiled:
-        program = self._forward_programs.get(bucket)
+    def _forward_program(self, bucket: Bucket, all_logits: bool) -> jax.stages.Compiled:
+        program = self._forward_programs.get((bucket, all_logits))
         if program is None:
-            logger.warning("compiling bucket %s outside warm-up", bucket)
-            program = self._forward_programs[bucket] = self._compile_forward(bucket)
+            logger.warning("compiling bucket %s (all-token logits: %s) outside warm-up", bucket, all_logits)
+            program = self._forward_programs[(bucket, all_logits)] = self._compile_forward(bucket, all_logits)
         return program
 
-    def _sample_program(self, num_rows: int, greedy: bool) -> jax.stages.Compiled:
-        program = self._sample_programs.get((num_rows, greedy))
+    def _sample_program(self, inputs: StepInputs, variant: str, history_width: int) -> jax.stages.Compiled:
+        k = self.num_top_logprobs if inputs.wants_top_logprobs else 0
+        key = (inputs.bucket.num_rows, variant, history_width, k)
+        program = self._sample_programs.get(key)
         if program is None:
-            program = self._sample_programs[(num_rows, greedy)] = self._compile_sampler(num_rows, greedy)
+            program = self._sample_programs[key] = self._compile_sampler(*key)
         return program
 
     def warmup(
         self, buckets: list[Bucket] | None = None, num_threads: int | None = None
     ) -> dict[Bucket, float]:
-        """Compiles the forward pass of every bucket (default: all of the grid) and both samplers of every row
+        """Compiles the forward pass of every bucket (default: all of the grid; with
+        `warmup_prompt_logprobs` also its all-token-logits variant) and every sampler variant of every row
         count, several at once in threads (XLA compiles outside the GIL).
 
         Returns:
           Wall seconds each bucket's forward pass took to compile (or to load from the persistent cache).
         """
-        buckets = [
-            b for b in (self.buckets if buckets is None else buckets) if b not in self._forward_programs
-        ]
-        sampler_keys = {(b.num_rows, greedy) for b in buckets for greedy in (True, False)}
+        buckets = self.buckets if buckets is None else buckets
+        variants = (False, True) if self.engine_config.warmup_prompt_logprobs else (False,)
+        forwards = [(b, v) for b in buckets for v in variants if (b, v) not in self._forward_programs]
+        sampler_keys = set()
+        for b in buckets:
+            history_width = b.pages_per_row * self.page_size
+            for k in {0, self.num_top_logprobs}:
+                sampler_keys |= {(b.num_rows, _GREEDY, 0, k), (b.num_rows, _SAMPLED, 0, k)}
+                sampler_keys.add((b.num_rows, _PENALISED, history_width, k))
         sampler_keys -= set(self._sample_programs)
         seconds: dict[Bucket, float] = {}
 
-        def timed_forward(bucket):
+        def timed_forward(key):
             start = time.perf_counter()
-            program = self._compile_forward(bucket)
-            seconds[bucket] = time.perf_counter() - start
-            return bucket, program
+            program = self._compile_forward(*key)
+            if not key[1]:
+                seconds[key[0]] = time.perf_counter() - start
+            return key, program
 
         workers = num_threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             samplers = {key: pool.submit(self._compile_sampler, *key) for key in sampler_keys}
-            for bucket, program in pool.map(timed_forward, buckets):
-                self._forward_programs[bucket] = program
+            for key, program in pool.map(timed_forward, forwards):
+                self._forward_programs[key] = program
             for key, future in samplers.items():
                 self._sample_programs[key] = future.result()
         return seconds
 
     # ---- one step ------------------------------------------------------------------------------------------
 
-    def step(self, inputs: StepInputs) -> SampledTokens:
+    def step(self, inputs: StepInputs) -> StepOutput:
         """Runs the forward pass of the step's bucket, updating the KV pool in place, and samples every row.
 
         Returns:
-          numpy `token_ids` i32[B] and `logprobs` f32[B] for all rows of the bucket (padded rows included).
+          numpy samples of all rows of the bucket (padded rows included), and the prompt logprobs of all its
+          tokens when `inputs.wants_prompt_logprobs`.
         """
         bucket = inputs.bucket
         assert bucket.pages_per_row in self.grid.page_buckets, bucket
-        forward = self._forward_program(bucket)
-        logits, self.kv_pool = forward(self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)))
-        greedy = inputs.all_greedy
-        sampler = self._sample_program(bucket.num_rows, greedy)
-        if greedy:
-            out = sampler(logits)
+        all_logits = inputs.wants_prompt_logprobs
+        forward = self._forward_program(bucket, all_logits)
+        args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs))]
+        if all_logits:
+            args.append(jax.device_put(inputs.prompt_logprob_targets))
+        logits, self.kv_pool = forward(*args)
+        prompt = None
+        if all_logits:
+            logits, prompt = logits
+
+        if inputs.has_penalties:
+            history_width = inputs.history.shape[1]
+            sampler = self._sample_program(inputs, _PENALISED, history_width)
+            rows, penalties = jax.device_put((_sampling_rows(inputs), _penalties(inputs)))
+            out = sampler(logits, rows, self._base_key, penalties)
+        elif inputs.all_greedy:
+            out = self._sample_program(inputs, _GREEDY, 0)(logits)
         else:
-            out = sampler(logits, *jax.device_put(_sampling_arrays(inputs)), self._base_key)
-        token_ids, logprobs = jax.device_get((out.token_ids, out.logprobs))
-        return SampledTokens(np.asarray(token_ids), np.asarray(logprobs))
+            sampler = self._sample_program(inputs, _SAMPLED, 0)
+            out = sampler(logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None)
+        out, prompt = jax.device_get((out, prompt))
+        return StepOutput(
+            SampledTokens(*map(np.asarray, out)),
+            None if prompt is None else PromptLogprobs(*map(np.asarray, prompt)),
+        )

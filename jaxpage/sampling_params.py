@@ -52,7 +52,7 @@ class SamplingParams:
     best_of: int | None = None  # completions generated (None: n); the n best by cumulative logprob return
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam score: cumulative logprob / length ** length_penalty
-    early_stopping: bool = False  # beam search stops once best_of hypotheses have finished
+    early_stopping: bool | str = False  # True, False or "never": see jaxpage/beam_search.py
 
     def __post_init__(self):
         # Normalise the convenient spellings first so the stored value has one type.
@@ -103,9 +103,10 @@ class SamplingParams:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if self.best_of is not None and not (_is_int(self.best_of) and self.best_of >= self.n):
             raise ValueError(f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}")
-        for name in ("use_beam_search", "early_stopping"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.use_beam_search, bool):
+            raise ValueError(f"use_beam_search must be a bool, got {self.use_beam_search!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
         lp = self.length_penalty
         if not (_is_number(lp) and math.isfinite(lp)):
             raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
@@ -113,16 +114,26 @@ class SamplingParams:
             self._check_beam_search()
 
     def _check_beam_search(self) -> None:
-        # Beam search is deterministic: every parameter that samples contradicts it.
-        sampling = {
+        # Beam search is deterministic, and its scores are logprobs of the unmodified logits: every parameter
+        # that samples or changes the logits contradicts it.
+        contradicting = {
             "temperature": (self.temperature, 0),
             "top_p": (self.top_p, 1.0),
             "top_k": (self.top_k, 0),
             "min_p": (self.min_p, 0.0),
+            "repetition_penalty": (self.repetition_penalty, 1.0),
+            "presence_penalty": (self.presence_penalty, 0.0),
+            "frequency_penalty": (self.frequency_penalty, 0.0),
+            "min_tokens": (self.min_tokens, 0),
         }
-        for name, (value, off) in sampling.items():
+        for name, (value, off) in contradicting.items():
             if value != off:
                 raise ValueError(f"{name} must be {off} with use_beam_search, got {value!r}")
+        if self.stop:
+            raise ValueError(f"stop strings are not supported with use_beam_search, got {self.stop!r}")
+        if self.logprobs:
+            # A hypothesis keeps its tokens' logprobs, not the alternatives its beams were offered.
+            raise ValueError(f"logprobs must be None or 0 with use_beam_search, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

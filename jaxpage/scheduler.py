@@ -11,6 +11,12 @@ is copied before one of them writes into it (copy-on-write). When the pool runs 
 admitted request is preempted: its pages are freed and it recomputes later, or (preemption_mode "swap")
 they are copied to host memory and back. The device copies are listed in `SchedulerOutput`; the engine
 runs them before the step, in the order swap out, swap in, copies.
+
+Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
+request's pages and tokens), `replace_last_token` (the pending token, sampled but not yet computed, becomes
+another candidate) and `hold`/`release` (a beam that has its candidates waits, unscheduled, until its
+siblings have theirs). A held request is never scheduled, but it can be preempted; when nothing else can run,
+held requests give their pages and rows up, newest first, so a group of beams never waits on itself.
 """
 
 import collections
@@ -91,6 +97,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order; preemption takes from the end
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.held: set[str] = set()  # ids of requests not to be scheduled until released (see `hold`)
         # Counters for the metrics.
         self.num_preemptions = 0
         self.num_swap_outs = 0
@@ -141,6 +148,74 @@ class Scheduler:
         self._finish(request, status)
         return request
 
+    # ---- beams: fork, replace, hold ------------------------------------------------------------------------
+
+    def fork_request(self, parent_id: str, request_id: str) -> Request:
+        """A new request with the tokens of `parent_id` (an unfinished request), between steps.
+
+        A running parent shares all its pages with the child (their reference counts go up), and the child
+        runs right behind it; the partly filled last page is copied by whichever of the two writes into it
+        first. A parent that holds no pages (queued, preempted, swapped), or a full set of rows, makes the
+        child wait at the parent's place in the queue and compute its tokens when admitted.
+        """
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        parent = self.requests[parent_id]
+        child = Request(
+            request_id,
+            parent.prompt_token_ids,
+            parent.sampling_params,
+            parent.eos_token_ids,
+            extra_key=parent.extra_key,
+        )
+        child.output_token_ids = list(parent.output_token_ids)
+        child.output_logprobs = list(parent.output_logprobs)
+        child.output_top_logprobs = list(parent.output_top_logprobs)
+        child.prompt_logprobs = list(parent.prompt_logprobs)
+        child.cumulative_logprob = parent.cumulative_logprob
+        child.page_keys = list(parent.page_keys)  # names of pages of tokens the two have in common
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.arrival_time = parent.arrival_time
+        child.first_scheduled_time = parent.first_scheduled_time
+        child.first_token_time = parent.first_token_time
+        self.requests[request_id] = child
+        if parent.status == RequestStatus.RUNNING and len(self.running) < self.max_num_seqs:
+            self.pool.share(parent.page_ids)
+            child.page_ids = list(parent.page_ids)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_registered_pages = parent.num_registered_pages
+            child.status = RequestStatus.RUNNING
+            self.running.insert(self.running.index(parent) + 1, child)
+        elif parent.status == RequestStatus.RUNNING:
+            self.waiting.appendleft(child)  # as old as its parent, so ahead of every waiting request
+        else:
+            self.waiting.insert(self.waiting.index(parent) + 1, child)
+        return child
+
+    def replace_last_token(self, request_id: str, token_id: int, logprob: float, cumulative_logprob: float):
+        """Makes `token_id` the request's last output token in place of the one sampled for it, which is not
+        computed yet (its K/V is written when the request next runs). No stop is applied to it here."""
+        request = self.requests[request_id]
+        assert request.output_token_ids and request.num_computed_tokens < request.num_tokens, request
+        request.output_token_ids[-1] = token_id
+        k = request.sampling_params.logprobs
+        if k is not None:
+            request.output_logprobs[-1] = logprob
+        if k is not None and request.output_top_logprobs:
+            # {chosen: logprob, then the k most likely}: the alternatives stay, the chosen token changes.
+            top = sorted(request.output_top_logprobs[-1].items(), key=lambda item: -item[1])[:k]
+            request.output_top_logprobs[-1] = {token_id: logprob, **dict(top)}
+        request.cumulative_logprob = cumulative_logprob
+
+    def hold(self, request_id: str) -> None:
+        """Keeps an unfinished request from being scheduled (or admitted) until `release`; it keeps its pages
+        unless it is preempted. A beam that has its candidates waits so for the rest of its group."""
+        assert request_id in self.requests, request_id
+        self.held.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self.held.discard(request_id)
+
     @property
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -159,6 +234,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.request_id in self.held:
+                i += 1
+                continue
             remaining = request.num_tokens - request.num_computed_tokens
             assert remaining > 0, f"{request} is running with nothing to compute"
             # Keep one token of the budget for every decoding request behind this one.
@@ -179,18 +257,36 @@ class Scheduler:
                 i += 1
 
         # Admitting right after a preemption would only hand the freed pages to a newer request.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            if not self._admit(request, budget, out):
+        if not out.preempted:
+            budget = self._admit_waiting(budget, out)
+        # Nothing could run: the running requests are all held (beams waiting for their siblings) and the
+        # queue's head, perhaps such a sibling, cannot get in. The held ones give way, newest first; their
+        # candidates are known already, so only their K/V is recomputed (or swapped back) later.
+        held = [r for r in self.running if r.request_id in self.held]
+        while not out.scheduled and held and self._first_waiting() is not None:
+            victim = held.pop()
+            self.running.remove(victim)
+            self._preempt(victim, out)
+            budget = self._admit_waiting(budget, out)
+        return out
+
+    def _first_waiting(self) -> Request | None:
+        return next((r for r in self.waiting if r.request_id not in self.held), None)
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
+        """Admits waiting requests in order (held ones are passed over) while rows, budget and pages allow;
+        returns the budget left."""
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self._first_waiting()
+            if request is None or not self._admit(request, budget, out):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            num_new = out.scheduled[-1].num_new_tokens
-            budget -= num_new
-        return out
+            budget -= out.scheduled[-1].num_new_tokens
+        return budget
 
     def update_from_output(self, output: SchedulerOutput, sampled) -> list[Request]:
         """Advances the requests of a finished step, offers their newly full pages to the prefix cache and
@@ -235,7 +331,8 @@ class Scheduler:
         return -(-num_tokens // self.page_size)
 
     def _is_decoding(self, request: Request) -> bool:
-        return request.num_tokens - request.num_computed_tokens == 1
+        pending = request.num_tokens - request.num_computed_tokens
+        return pending == 1 and request.request_id not in self.held
 
     def _allocate(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> bool:
         """Gives the request pages for its next `num_new` tokens, first copying a shared page it is about to
@@ -254,7 +351,10 @@ class Scheduler:
         if cow:
             shared = request.page_ids[index]
             (private,) = self.pool.allocate(1)
-            copies.append((shared, private))
+            # A sibling sample admitted this step may share a page that is itself a copy made this step; it
+            # holds its content only once the copies run, and they all read the pool as it was before them.
+            origin = next((src for src, dst in copies if dst == shared), shared)
+            copies.append((origin, private))
             self.pool.free([shared])
             request.page_ids[index] = private
             self.num_copies += 1
@@ -366,3 +466,4 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         del self.requests[request.request_id]
+        self.held.discard(request.request_id)

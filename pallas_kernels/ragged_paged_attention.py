@@ -209,19 +209,27 @@ def _ragged_kernel(
     # Blocks wholly at or before the first token's position are visible to every row: no mask work at all.
     num_full = jnp.where(n_tok > 0, jnp.clip((pos0 + 1) // block_kv, 0, num_blocks), 0)
 
-    def body(i, carry, masked):
+    def block_rows(i):  # i32[block_kv]: pool rows of KV block i (page ids past kv_end are not read)
         pos = i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-        rows_kv = kv_rows(pt_ref[req, pos // page_size], page_size)
+        return kv_rows(plt.load(pt_ref.at[req, pos // page_size], mask=pos < kv_end, other=0), page_size)
+
+    # The page ids of block i + 1 are loaded while block i computes (they ride in the loop carry), so block
+    # i's K/V addresses never wait on a load issued in the same iteration.
+    def body(i, carry, masked):
+        rows_kv, state = carry
+        pos = i * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+        next_rows = block_rows(i + 1)
         in_kv = pos < kv_end if masked else None
         k = load_kv_block(k_ref, rows_kv, in_kv)
         v = load_kv_block(v_ref, rows_kv, in_kv)
         logits = dot_f32(q, k, precision, trans_b=True) * scale
         if masked:
             logits = jnp.where((pos[None, :] <= q_pos[:, None]) & in_kv[None, :], logits, -jnp.inf)
-        return softmax_step(carry, logits, v, precision)
+        return next_rows, softmax_step(state, logits, v, precision)
 
-    carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), softmax_init(rows, head_dim))
-    acc, _, denom = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    carry = (block_rows(0), softmax_init(rows, head_dim))
+    carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
+    _, (acc, _, denom) = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
     out = acc / jnp.where(denom == 0, 1.0, denom)[:, None]
     plt.store(o_ref.at[io_idx], out.reshape(tokens, g_pad, head_dim).astype(o_ref.dtype), mask=io_mask)
 
@@ -276,8 +284,10 @@ def ragged_paged_attention(
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     batch, pages_per_seq = page_table.shape
     check_kernel_shapes(q, k_pages)
-    if blocks is None:
-        blocks = tuning.ragged_blocks(head_dim)
+    if blocks is None:  # the table's row, fitted to this dtype's shared memory needs
+        table = tuning.ragged_blocks(head_dim)
+        itemsize = jnp.dtype(k_pages.dtype).itemsize
+        blocks = tuning.fit_shared_memory(table, q_rows=table.block_m, head_dim=head_dim, itemsize=itemsize)
     if sm_scale is None:
         sm_scale = head_dim**-0.5
     group = num_q_heads // num_kv_heads

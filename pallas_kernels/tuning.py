@@ -71,13 +71,20 @@ class KvWriteBlocks:
 # (device family, head_dim) -> blocks. "default" serves every other device, the CPU interpreter included,
 # where larger blocks simply mean fewer interpreted loop steps.
 _DECODE = {
-    ("H100", 128): DecodeBlocks(block_kv=64, min_programs=528, num_warps=4, num_stages=3),
-    ("H100", 64): DecodeBlocks(block_kv=128, min_programs=528, num_warps=4, num_stages=3),
+    # min_programs 264 (2 waves): 528 was 9-12% slower at B=32 (more splits, more combine), equal at B >= 128,
+    # and within 2% at B = 1, 8; after the single-split path, 132 lost 4% at B=32 and 10% at B=1. Sweeps:
+    # benchmarks/results/kernels_nvidia-h100-80gb-hbm3_20261123-153733.json, -153821.json, -154614.json.
+    ("H100", 128): DecodeBlocks(block_kv=64, min_programs=264, num_warps=4, num_stages=3),
+    ("H100", 64): DecodeBlocks(block_kv=128, min_programs=264, num_warps=4, num_stages=3),
     ("default", 128): DecodeBlocks(block_kv=64, min_programs=256, num_warps=4, num_stages=2),
     ("default", 64): DecodeBlocks(block_kv=64, min_programs=256, num_warps=4, num_stages=2),
 }
 _RAGGED = {
-    ("H100", 128): RaggedBlocks(block_m=128, block_kv=64, num_warps=8, num_stages=3),
+    # block_kv 128: 11-15% more TFLOP/s than 64 at chunks 2048 and 8192, with or without a prefix; block_m 64
+    # or 256, 4 warps, fewer stages all lose. Sweeps:
+    # benchmarks/results/kernels_nvidia-h100-80gb-hbm3_20261123-153753.json and -153841.json. Since the
+    # page-id prefetch, block_kv 64 and 128 are within 3% and 4 stages of 128 no longer fit (-160454.json).
+    ("H100", 128): RaggedBlocks(block_m=128, block_kv=128, num_warps=8, num_stages=3),
     ("H100", 64): RaggedBlocks(block_m=128, block_kv=64, num_warps=4, num_stages=3),
     ("default", 128): RaggedBlocks(block_m=64, block_kv=64, num_warps=4, num_stages=2),
     ("default", 64): RaggedBlocks(block_m=64, block_kv=64, num_warps=4, num_stages=2),
@@ -86,6 +93,29 @@ _KV_WRITE = {"default": KvWriteBlocks(block_tokens=16, num_warps=4)}
 
 # H200 has the H100's SMs and shared memory with faster HBM: the same blocks are the right first guess.
 _FAMILIES = (("H100", "H100"), ("H200", "H100"), ("GH200", "H100"))
+
+
+# Shared memory one program may take (the per-block opt-in maximum): the H100's 227 KiB, and for every other
+# device the 99 KiB of the smallest Ampere-and-later part, which every GPU of the "default" rows offers.
+_SHARED_MEMORY = {"H100": 232448, "default": 101376}
+
+
+def shared_memory_bytes(blocks, *, q_rows: int, head_dim: int, itemsize: int) -> int:
+    """What a program of the attention kernels holds in shared memory: `num_stages` buffers of a K and a V
+    block, plus the query rows (a wgmma operand). Triton 3.x allocates exactly this for the kernels' loops."""
+    return (2 * blocks.num_stages * blocks.block_kv + q_rows) * head_dim * itemsize + 1024
+
+
+def fit_shared_memory(blocks, *, q_rows: int, head_dim: int, itemsize: int, device_kind: str | None = None):
+    """`blocks` shrunk until a program fits the device's shared memory: fewer pipeline stages down to 2, then
+    smaller KV blocks. Table rows are tuned for bf16; float32 doubles every buffer."""
+    limit = _SHARED_MEMORY[device_family(device_kind)]
+    fits = lambda b: shared_memory_bytes(b, q_rows=q_rows, head_dim=head_dim, itemsize=itemsize) <= limit
+    while not fits(blocks) and blocks.num_stages > 2:
+        blocks = dataclasses.replace(blocks, num_stages=blocks.num_stages - 1)
+    while not fits(blocks) and blocks.block_kv > 16:
+        blocks = dataclasses.replace(blocks, block_kv=blocks.block_kv // 2)
+    return blocks
 
 
 def device_family(device_kind: str | None = None) -> str:

@@ -36,6 +36,7 @@ DECODE = [
 RAGGED = [
     (LLAMA, 16, jnp.bfloat16, [1, 1, 300, 17, 0], [1, 2000, 300, 1000, 0], 13),
     (SMOLLM, 8, jnp.float32, [5, 1, 64, 0], [5, 9, 200, 0], 3),
+    (LLAMA, 16, jnp.float32, [300, 1, 0], [300, 700, 0], 5),  # float32 at head_dim 128: the fitted blocks
     (MHA, 16, jnp.bfloat16, [129, 1], [129, 4000], 0),
 ]
 
@@ -114,7 +115,14 @@ def main(argv):
         ("ragged", RAGGED, tuning.ragged_blocks),
     ):
         for case in cases:
-            blocks = tuned(case[0]["head_dim"])
+            heads, dtype = case[0], case[2]
+            table = tuned(heads["head_dim"])
+            group = heads["num_q_heads"] // heads["num_kv_heads"]
+            q_rows = max(16, 1 << (group - 1).bit_length()) if kind == "decode" else table.block_m
+            # What the kernels use when given no blocks: the table's row fitted to the dtype's shared memory.
+            blocks = tuning.fit_shared_memory(
+                table, q_rows=q_rows, head_dim=heads["head_dim"], itemsize=jnp.dtype(dtype).itemsize
+            )
             results.append(check_attention(kind, case, blocks))
             results.append(
                 check_attention(f"{kind}(stages=1)", case, dataclasses.replace(blocks, num_stages=1))

@@ -4,11 +4,18 @@ Input line: {"id"?, "prompt": str | "messages": [{role, content}], and any `Samp
 "best_of"?, "max_tokens"?, "min_tokens"?, "temperature"?, "top_p"?, "top_k"?, "min_p"?, "repetition_penalty"?,
 "presence_penalty"?, "frequency_penalty"?, "seed"?, "stop"?, "stop_token_ids"?, "ignore_eos"?, "logprobs"?,
 "prompt_logprobs"?, "use_beam_search"?, "length_penalty"?, "early_stopping"?}. Output line, in input order:
-{"id", "prompt_token_ids", "outputs": [{"index", "text", "token_ids", "finish_reason", "cumulative_logprob",
-"logprobs"?}], "metrics": {"queue_time", "ttft", "tpot", "num_cached_tokens", ...}}, or {"id", "error"} for a
-line that could not be served; the other lines are served regardless. The engine's metrics (KV usage,
-prefix-cache hit rate, preemptions, swaps) are printed at the end. The resolved gin config is written next to
-the output.
+{"id", "prompt_token_ids", "prompt_logprobs"?, "outputs": [{"index", "text", "token_ids", "finish_reason",
+"cumulative_logprob", "logprobs"?}], "metrics": {"queue_time", "ttft", "tpot", "num_cached_tokens", ...}}, or
+{"id", "error"} for a line that could not be served; the other lines are served regardless.
+
+With "logprobs": k, an output's "logprobs" has, per generated token, a list of [token_id, logprob] pairs: the
+generated token first, then the k most likely tokens in order (the generated one appears once). With
+"prompt_logprobs": k, "prompt_logprobs" has the same per prompt token (null for the first). Logprobs are of
+the model's own distribution, before penalties, temperature and filters. A request asking prompt logprobs
+takes no prefix-cache hit.
+
+The engine's metrics (KV usage, prefix-cache hit rate, preemptions, swaps) are printed at the end. The
+resolved gin config is written next to the output.
 
   python scripts/generate.py --input examples/prompts.jsonl --output out/demo.jsonl --print_outputs
 """
@@ -78,14 +85,17 @@ def _result_row(request_id, output) -> dict:
             "cumulative_logprob": completion.cumulative_logprob,
         }
         if completion.logprobs is not None:
-            result["logprobs"] = completion.logprobs
+            result["logprobs"] = [_pairs(position) for position in completion.logprobs]
         results.append(result)
-    return {
-        "id": request_id,
-        "prompt_token_ids": output.prompt_token_ids,
-        "outputs": results,
-        "metrics": dataclasses.asdict(output.metrics),
-    }
+    row = {"id": request_id, "prompt_token_ids": output.prompt_token_ids}
+    if output.prompt_logprobs is not None:
+        row["prompt_logprobs"] = [_pairs(position) for position in output.prompt_logprobs]
+    return row | {"outputs": results, "metrics": dataclasses.asdict(output.metrics)}
+
+
+def _pairs(logprobs: dict[int, float] | None) -> list[list] | None:
+    # JSON keys are strings; pairs keep the ids as ints and the order (the chosen token first).
+    return None if logprobs is None else [[token_id, logprob] for token_id, logprob in logprobs.items()]
 
 
 def serve(llm: LLM, lines: list[str], progress: bool = False) -> list[dict]:

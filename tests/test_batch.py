@@ -137,3 +137,44 @@ def test_every_token_writes_its_own_slot_in_its_own_pages(data):
             assert request.page_ids[pos // PAGE] * PAGE + pos % PAGE == inputs.slot_mapping[t]
             assert inputs.token_ids[t] == request.all_token_ids[pos]
         assert inputs.logits_indices[b] == hi - 1
+
+
+def test_penalised_sampled_rows_carry_their_history_and_the_rest_none():
+    penalised = _request(
+        "p", [5, 6, 5], pages=[1, 2], computed=4, output=[7, 7], repetition_penalty=1.2, frequency_penalty=0.5
+    )
+    plain = _request("q", [1, 2], pages=[3], computed=2, output=[9])
+    chunk = _request("c", range(10, 20), pages=[4, 5, 6], computed=0, presence_penalty=1.0)  # samples nothing
+    inputs = build_step_inputs(_step((penalised, 1), (plain, 1), (chunk, 4)), Bucket(16, 4, 4), PAGE)
+    assert inputs.has_penalties and inputs.history.shape == (4, 4 * PAGE)
+    np.testing.assert_array_equal(inputs.history[0, :5], [5, 6, 5, 7, 7])
+    np.testing.assert_array_equal(inputs.history_lens, [5, 0, 0, 0])
+    np.testing.assert_array_equal(inputs.history_prompt_lens, [3, 0, 0, 0])
+    np.testing.assert_allclose(inputs.repetition_penalty, [1.2, 1, 1, 1])
+    np.testing.assert_allclose(inputs.frequency_penalty, [0.5, 0, 0, 0])
+    np.testing.assert_allclose(inputs.presence_penalty, [0, 0, 0, 0])  # the chunk's sample is dropped anyway
+
+    without = build_step_inputs(_step((plain, 1), (chunk, 4)), Bucket(16, 4, 4), PAGE)
+    assert not without.has_penalties and without.history.shape == (4, 0)
+
+
+def test_prompt_logprob_targets_are_the_next_prompt_tokens_of_the_rows_that_ask():
+    asking = _request("a", [11, 12, 13, 14, 15, 16], pages=[1, 2], computed=2, prompt_logprobs=2)
+    asking.prompt_logprobs += [{12: -1.0}, {13: -1.0}]  # positions 1 and 2 recorded; 3 is next
+    plain = _request("b", [1, 2, 3], pages=[3], computed=0)
+    inputs = build_step_inputs(_step((plain, 3), (asking, 4)), Bucket(16, 4, 2), PAGE)
+    assert inputs.wants_prompt_logprobs
+    # Row 1 runs positions 2..5 (flat 3..6): each predicts the next prompt token; the last has none.
+    np.testing.assert_array_equal(inputs.prompt_logprob_targets[3:7], [14, 15, 16, 0])
+    assert not np.any(inputs.prompt_logprob_targets[:3])
+
+    done = _request("d", [11, 12, 13], pages=[1], computed=2, prompt_logprobs=0)
+    done.prompt_logprobs += [{12: -1.0}, {13: -1.0}]  # every prompt position recorded
+    assert not build_step_inputs(_step((done, 1), (plain, 3)), Bucket(16, 4, 2), PAGE).wants_prompt_logprobs
+    assert not build_step_inputs(
+        _step(
+            (plain, 3),
+        ),
+        Bucket(16, 4, 2),
+        PAGE,
+    ).wants_prompt_logprobs

@@ -1,5 +1,6 @@
 """scripts/bench_kernels.py end to end on tiny shapes in interpret mode: the plumbing, not the timings."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -39,8 +40,21 @@ def test_smoke_run_writes_every_section(bench, tmp_path):
 
 
 def test_unknown_section_raises(bench, tmp_path):
-    import dataclasses
-
     opts = dataclasses.replace(bench.options_from_flags(), sections=("decode", "bogus"))
     with pytest.raises(ValueError, match="sections must be among .* got \\['bogus'\\]"):
         bench.run(opts, tmp_path, "bench_kernels")
+
+
+def test_sweep_variants_move_one_knob_or_follow_the_overrides(bench):
+    tuned = bench.tuning.DecodeBlocks(block_kv=64, min_programs=264, num_warps=4, num_stages=3)
+    axes = dict(block_kv=(32, 64), num_stages=(2,))
+    assert bench.block_variants(tuned, axes, []) == {
+        "tuned": tuned,
+        "block_kv=32": dataclasses.replace(tuned, block_kv=32),
+        "num_stages=2": dataclasses.replace(tuned, num_stages=2),
+    }
+    explicit = bench.block_variants(tuned, axes, ["block_kv=128,num_warps=8"])
+    assert explicit == {
+        "tuned": tuned,
+        "block_kv=128,num_warps=8": dataclasses.replace(tuned, block_kv=128, num_warps=8),
+    }

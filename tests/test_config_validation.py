@@ -29,6 +29,11 @@ from jaxpage.sampling_params import SamplingParams
         ("logprobs", -1),
         ("logprobs", 1.5),
         ("prompt_logprobs", -2),
+        ("prompt_logprobs", 0.5),
+        ("min_p", math.nan),
+        ("repetition_penalty", -1.0),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", 2.01),
         ("min_p", 1.5),
         ("min_p", -0.1),
         ("repetition_penalty", 0.0),
@@ -95,6 +100,7 @@ def test_sampling_params_accept_convenient_spellings():
         ({"preemption_mode": "drop"}, "preemption_mode"),
         ({"swap_space_gib": -1}, "swap_space_gib"),
         ({"max_logprobs": -1}, "max_logprobs"),
+        ({"warmup_prompt_logprobs": 1}, "warmup_prompt_logprobs"),
     ],
 )
 def test_bad_engine_config_names_field(kwargs, match):

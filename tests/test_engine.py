@@ -1,7 +1,9 @@
 """The engine and `LLM.generate` on the tiny random model (configs/tiny_test.gin), and on SmolLM2 where words
 matter. Every test ends with the page pool as full as it started."""
 
+import numpy as np
 import pytest
+from dense_reference import assert_top_logprobs, dense_log_softmax, dense_logits
 
 from jaxpage import LLM, SamplingParams
 
@@ -81,8 +83,74 @@ def test_logprobs_come_one_per_token_when_asked(llm):
     with_logprobs, without = llm.generate(
         ["Hello", "Hello"], [SamplingParams(max_tokens=5, temperature=0, logprobs=True), GREEDY]
     )
-    logprobs = with_logprobs.outputs[0].logprobs
-    assert len(logprobs) == 5 and all(lp <= 0 for lp in logprobs) and without.outputs[0].logprobs is None
+    completion = with_logprobs.outputs[0]
+    assert [list(d) for d in completion.logprobs] == [[t] for t in completion.token_ids]
+    assert all(lp <= 0 for d in completion.logprobs for lp in d.values())
+    assert without.outputs[0].logprobs is None and without.prompt_logprobs is None
+
+
+def _dense(llm, token_ids):
+    engine = llm.engine
+    return dense_log_softmax(engine.model_config, engine.runner.params, token_ids)
+
+
+def test_prompt_and_output_logprobs_equal_a_dense_pass_despite_chunks_and_the_cache(llm):
+    # 100+ tokens against a 64-token budget: the prompt runs in chunks. The first request fills the prefix
+    # cache, which the one asking prompt logprobs must not take (a hit skips the cached tokens' logits).
+    prompt = "Paging splits the cache into pages. " * 12
+    llm.generate(prompt, GREEDY)
+    asked = SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=2, prompt_logprobs=3, n=2)
+    [output] = llm.generate(prompt, asked)
+    [again] = llm.generate(prompt, GREEDY)
+    assert output.metrics.num_cached_tokens == 0 and again.metrics.num_cached_tokens > 0
+
+    ids = output.prompt_token_ids
+    assert len(ids) > 64 and len(output.prompt_logprobs) == len(ids) and output.prompt_logprobs[0] is None
+    dense = _dense(llm, ids)
+    for position in range(1, len(ids)):
+        assert_top_logprobs(output.prompt_logprobs[position], ids[position], dense[position - 1], k=3)
+    for completion in output.outputs:  # each sample has its own tokens and logprobs
+        dense = _dense(llm, ids + completion.token_ids[:-1])
+        assert len(completion.logprobs) == len(completion.token_ids)
+        for i, token in enumerate(completion.token_ids):
+            assert_top_logprobs(completion.logprobs[i], token, dense[len(ids) - 1 + i], k=2)
+        assert completion.cumulative_logprob == pytest.approx(
+            sum(d[t] for d, t in zip(completion.logprobs, completion.token_ids, strict=True)), rel=1e-5
+        )
+
+
+def _penalised(logits, prompt, output, params):
+    out = logits.astype(np.float64).copy()
+    for token in set(prompt) | set(output):
+        r = params.repetition_penalty
+        out[token] = out[token] / r if out[token] > 0 else out[token] * r
+    for token in set(output):
+        out[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    return out
+
+
+def test_greedy_penalties_follow_a_dense_reference(llm):
+    # Penalties below 1 favour seen tokens: the first makes the model take a prompt token, the second repeat
+    # its own output, so both the prompt and the output history must reach the sampler.
+    prompt = "1 2 3 1 2 3 1 2 3"
+    params = [
+        SamplingParams(
+            max_tokens=8, temperature=0, repetition_penalty=0.3, presence_penalty=-0.5, frequency_penalty=0.5
+        ),
+        SamplingParams(
+            max_tokens=8, temperature=0, repetition_penalty=0.7, presence_penalty=0.5, frequency_penalty=0.3
+        ),
+    ]
+    outputs = llm.generate([prompt, prompt], params)
+    plain = token_ids(llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0)))[0]
+    engine = llm.engine
+    for output, sp in zip(outputs, params, strict=True):
+        ids, got = output.prompt_token_ids, output.outputs[0].token_ids
+        assert got != plain
+        # One dense pass over the whole text gives the logits every step saw, if its tokens were right.
+        logits = dense_logits(engine.model_config, engine.runner.params, ids + got[:-1])[len(ids) - 1 :]
+        expected = [int(np.argmax(_penalised(logits[i], ids, got[:i], sp))) for i in range(len(got))]
+        assert got == expected
 
 
 def test_abort_frees_a_running_request_at_once(llm):
@@ -123,6 +191,17 @@ def test_early_exit_from_a_stream_gives_the_pages_back(llm):
             "prompt_logprobs must be <=",
         ),
         ({"prompt": "word " * 300, "sampling_params": SamplingParams(n=3)}, "max_model_len"),
+        (
+            {"prompt": "hi", "sampling_params": SamplingParams(use_beam_search=True, temperature=0, n=11)},
+            r"beam width \(best_of, else n\) must be <= max_logprobs / 2",
+        ),
+        (
+            {
+                "prompt": "word " * 300,
+                "sampling_params": SamplingParams(use_beam_search=True, temperature=0, n=2),
+            },
+            "max_model_len",
+        ),
     ],
 )
 def test_bad_request_is_refused_alone(llm, kwargs, message):
@@ -133,28 +212,20 @@ def test_bad_request_is_refused_alone(llm, kwargs, message):
     assert [o.request_id for o in engine.stream() if o.finished] == [good]
 
 
-@pytest.mark.parametrize(
-    "field, value, served_by",
-    [
-        ("min_p", 0.1, "min_p"),
-        ("repetition_penalty", 1.2, "repetition_penalty"),
-        ("presence_penalty", 0.5, "presence_penalty"),
-        ("frequency_penalty", -0.5, "frequency_penalty"),
-        ("prompt_logprobs", 2, "prompt_logprobs"),
-        ("logprobs", 3, "top_logprobs"),
-    ],
-)
-def test_parameters_the_sampler_lacks_are_refused_not_ignored(llm, field, value, served_by):
-    from jaxpage.batch import StepInputs
-    from jaxpage.sampling import SampledTokens
-
-    params = SamplingParams(max_tokens=2, **{field: value})
-    if served_by in StepInputs._fields or served_by in SampledTokens._fields:
-        assert llm.generate("Hello", params)[0].finished
-    else:
-        with pytest.raises(ValueError, match=f"^{field}={value!r} is not supported yet"):
-            llm.engine.add_request("Hello", params)
-    assert not llm.engine.has_unfinished_requests()
+def test_seeded_penalised_sample_does_not_depend_on_its_batch_neighbours(llm):
+    seeded = SamplingParams(
+        max_tokens=10, temperature=1.0, min_p=0.02, repetition_penalty=1.3, frequency_penalty=0.5, seed=7
+    )
+    alone = token_ids(llm.generate("Paging is", seeded))[0]
+    others = [
+        SamplingParams(max_tokens=6, temperature=0.0, presence_penalty=-1.5),
+        SamplingParams(max_tokens=4, temperature=0.7, seed=1),
+        SamplingParams(max_tokens=12, temperature=1.0, repetition_penalty=0.8, seed=2),
+    ]
+    batched = token_ids(
+        llm.generate([PROMPTS[1], "Paging is", "1 2 3", "x"], [others[0], seeded, *others[1:]])
+    )
+    assert batched[1] == alone
 
 
 def test_generate_names_the_bad_prompt_and_queues_nothing(llm):

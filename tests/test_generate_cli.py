@@ -53,6 +53,23 @@ def llm():
         ('{"max_tokens": 3}', "exactly one of the fields prompt and messages"),
         ('{"prompt": "hi", "id": [1]}', "id must be"),
         ('["hi"]', "must be a JSON object"),
+        ('{"prompt": "hi", "min_p": 2}', r"min_p must be in \[0, 1\], got 2"),
+        ('{"prompt": "hi", "repetition_penalty": 0}', "repetition_penalty must be"),
+        ('{"prompt": "hi", "presence_penalty": -3}', r"presence_penalty must be in \[-2, 2\]"),
+        ('{"prompt": "hi", "frequency_penalty": 3}', "frequency_penalty must be"),
+        ('{"prompt": "hi", "logprobs": 21}', r"logprobs must be <= max_logprobs \(20\), got 21"),
+        ('{"prompt": "hi", "prompt_logprobs": -1}', "prompt_logprobs must be"),
+        ('{"prompt": "hi", "n": 0}', "n must be an int >= 1, got 0"),
+        ('{"prompt": "hi", "n": 3, "best_of": 2}', r"best_of must be None or an int >= n \(3\), got 2"),
+        ('{"prompt": "hi", "stop": 5}', "stop must be a non-empty string or a list of them, got 5"),
+        (
+            '{"prompt": "hi", "use_beam_search": true, "temperature": 0.8}',
+            "temperature must be 0 with use_beam",
+        ),
+        (
+            '{"prompt": "hi", "use_beam_search": true, "temperature": 0, "n": 11}',
+            "must be <= max_logprobs / 2",
+        ),
     ],
 )
 def test_bad_line_gets_an_error_naming_the_field_and_the_rest_is_served(llm, line, message):
@@ -146,3 +163,42 @@ def test_64_greedy_requests_cli_equals_generate_equals_each_alone(llm, tmp_path)
         )
         assert cli == expected
         assert 1 <= len(single.token_ids) <= param.max_tokens
+
+
+def test_logprobs_and_penalties_in_and_out(llm):
+    line = {
+        "prompt": "Hello there, general",
+        "max_tokens": 4,
+        "temperature": 0.9,
+        "seed": 5,
+        "min_p": 0.05,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.3,
+        "frequency_penalty": 0.3,
+        "logprobs": 2,
+        "prompt_logprobs": 1,
+    }
+    [row] = generate_script.serve(llm, [json.dumps(line)])
+    row = json.loads(json.dumps(row))  # what a reader of the file gets
+    [completion] = row["outputs"]
+    assert len(completion["logprobs"]) == len(completion["token_ids"]) == 4
+    for token, pairs in zip(completion["token_ids"], completion["logprobs"], strict=True):
+        assert pairs[0][0] == token and len(pairs) in (2, 3) and all(lp <= 0 for _, lp in pairs)
+    prompt = row["prompt_logprobs"]
+    assert len(prompt) == len(row["prompt_token_ids"]) and prompt[0] is None
+    for token, pairs in zip(row["prompt_token_ids"][1:], prompt[1:], strict=True):
+        assert pairs[0][0] == token and len(pairs) in (1, 2)
+    [plain] = generate_script.serve(llm, [GOOD])
+    assert "logprobs" not in plain["outputs"][0] and "prompt_logprobs" not in plain
+
+
+def test_beam_search_line_returns_the_n_best_hypotheses(llm):
+    line = {"prompt": "Hello there", "max_tokens": 5, "temperature": 0, "use_beam_search": True}
+    line |= {"n": 2, "best_of": 3, "length_penalty": 0.5, "early_stopping": "never"}
+    [row] = generate_script.serve(llm, [json.dumps(line)])
+    [expected] = llm.generate(
+        "Hello there",
+        SamplingParams(**{k: v for k, v in line.items() if k != "prompt"}),
+    )
+    assert [c["token_ids"] for c in row["outputs"]] == [c.token_ids for c in expected.outputs]
+    assert len(row["outputs"]) == 2

@@ -111,6 +111,17 @@ class TestTuning:
         assert tuning.decode_blocks(256, "cpu") == tuning.decode_blocks(128, "cpu")
         assert tuning.ragged_blocks(32, "cpu") == tuning.ragged_blocks(64, "cpu")
 
+    def test_float32_blocks_shrink_to_fit_shared_memory(self):
+        h100 = "NVIDIA H100 80GB HBM3"
+        table = tuning.ragged_blocks(128, h100)
+        fit = functools.partial(
+            tuning.fit_shared_memory, q_rows=table.block_m, head_dim=128, device_kind=h100
+        )
+        assert fit(table, itemsize=2) == table  # the bf16 row fits as tuned
+        f32 = fit(table, itemsize=4)
+        assert f32.num_stages == 2 and f32.block_kv < table.block_kv and f32.block_m == table.block_m
+        assert tuning.shared_memory_bytes(f32, q_rows=table.block_m, head_dim=128, itemsize=4) <= 232448
+
     def test_invalid_blocks_raise(self):
         with pytest.raises(ValueError, match="DecodeBlocks.block_kv must be a power of 2 >= 16, got 48"):
             tuning.DecodeBlocks(block_kv=48, min_programs=1, num_warps=4, num_stages=2)

@@ -1,5 +1,6 @@
 """Random operation sequences over the scheduler and its page pool with every feature at once: prefix caching,
-samples of one prompt sharing pages with copy-on-write, recompute and swap preemption, and abort.
+samples of one prompt sharing pages with copy-on-write, recompute and swap preemption, abort, and what beam
+search does between steps: forking a request (its pages shared), replacing its pending token, holding it.
 
 After every operation: reference counts equal the live page tables' references, no page is both free and held,
 cached pages hold the tokens of their key, swap space is accounted for. At the end the pool is full again and
@@ -10,7 +11,7 @@ reads from the pages). Host only; about 12,000 operations in all.
 import dataclasses
 
 import hypothesis.strategies as st
-from fake_kv_model import EOS, FakeKVModel, reference_output
+from fake_kv_model import EOS, VOCAB, FakeKVModel, next_token
 from hypothesis import given, settings
 
 from jaxpage.page_pool import PagePool
@@ -26,8 +27,24 @@ def salt(request: Request) -> int:
     return request.sampling_params.seed
 
 
+def expected_output(request: Request, forced: list[int]) -> tuple[list[int], str]:
+    """What the request yields after `forced`, its output tokens when last forked or replaced: the fake
+    model's tokens from there on, with every stop applied to them (none to the forced ones)."""
+    params = request.sampling_params
+    tokens, out = request.prompt_token_ids + forced, list(forced)
+    while True:
+        token = next_token(tokens, salt(request))
+        tokens.append(token)
+        out.append(token)
+        if token == EOS:
+            return out, "stop"
+        if len(out) >= params.max_tokens or len(tokens) >= MAX_MODEL_LEN:
+            return out, "length"
+
+
 def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
     pool = sched.pool
+    assert sched.held <= set(sched.requests)
     pool.check_invariants([r.page_ids for r in sched.running])
     for r in sched.waiting:
         assert not r.page_ids and r.status != RequestStatus.RUNNING
@@ -52,12 +69,12 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
     num_swap_pages=st.integers(0, 30),
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["add", "step", "step", "step", "abort"]),
+            st.sampled_from(["add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
             st.integers(0, 2),  # prefix
             st.integers(0, 6),  # suffix length
             st.integers(1, 3),  # samples
             st.integers(1, 10),  # max_tokens
-            st.integers(0, 99),  # which request to abort
+            st.integers(0, 99),  # which request to abort, fork, replace, hold or release
         ),
         min_size=70,
         max_size=90,
@@ -79,10 +96,14 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     model = FakeKVModel(page_size)
     added: list[Request] = []
     aborted: set[str] = set()
+    forced: dict[str, list[int]] = {}  # request id -> its output when last forked or replaced
 
     def step():
         out = sched.schedule()
-        assert not out.is_empty, "unfinished requests but nothing scheduled: a deadlock"
+        if out.is_empty:
+            assert set(sched.requests) <= sched.held, "unfinished requests but nothing scheduled: a deadlock"
+            return
+        assert not any(item.request.request_id in sched.held for item in out.scheduled)
         assert out.num_scheduled_tokens <= max_num_batched_tokens and len(out.scheduled) <= max_num_seqs
         sched.update_from_output(out, model.step(out, salt))
 
@@ -108,16 +129,30 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
             if sched.finish_request(victim.request_id, RequestStatus.FINISHED_ABORTED) is not None:
                 aborted.add(victim.request_id)
                 model.host.pop(victim.request_id, None)  # what the engine does with its swap copy
+        elif op in ("fork", "replace", "hold") and sched.requests:
+            ids = sorted(sched.requests)
+            request = sched.requests[ids[which % len(ids)]]
+            if op == "fork":
+                request = sched.fork_request(request.request_id, f"{request.request_id}+{index}")
+                added.append(request)
+            if op == "hold":
+                (sched.release if request.request_id in sched.held else sched.hold)(request.request_id)
+            elif request.output_token_ids:  # a fork or a replace: the pending token becomes another
+                token = (request.output_token_ids[-1] + 1 + which) % VOCAB
+                sched.replace_last_token(request.request_id, token, -1.0, request.cumulative_logprob)
+                forced[request.request_id] = list(request.output_token_ids)
+            else:
+                forced[request.request_id] = []
         check_invariants(sched, model)
 
+    for request_id in list(sched.held):
+        sched.release(request_id)
     while sched.has_unfinished_requests:
         step()
         check_invariants(sched, model)
     assert pool.num_free_pages == pool.num_usable_pages and sched.num_used_swap_pages == 0
     for request in added:
-        expected, reason = reference_output(
-            request.prompt_token_ids, request.sampling_params, MAX_MODEL_LEN, salt(request)
-        )
+        expected, reason = expected_output(request, forced.get(request.request_id, []))
         if request.request_id in aborted:
             assert request.output_token_ids == expected[: request.num_output_tokens]
         else:

@@ -4,10 +4,12 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from dense_reference import assert_top_logprobs, dense_log_softmax
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxpage.batch import build_step_inputs, step_size
 from jaxpage.config import EngineConfig
+from jaxpage.engine import record_prompt_logprobs
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 from jaxpage.runner import Runner, kv_bytes_per_page, kv_pool_pages
@@ -37,6 +39,8 @@ CONFIG = EngineConfig(
     page_buckets=(4, 16),
     attention_backend="auto",
     compilation_cache_dir=None,
+    max_logprobs=3,
+    warmup_prompt_logprobs=True,
 )
 
 
@@ -50,8 +54,9 @@ def runner():
     return runner
 
 
-def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=None):
-    """Serves the prompts through a fresh scheduler on the runner; returns {id: output tokens}."""
+def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=None, keep_requests=False):
+    """Serves the prompts through a fresh scheduler on the runner; returns {id: output tokens} (or the
+    requests)."""
     pool = PagePool(num_pages or runner.num_pages)
     scheduler = Scheduler(
         pool,
@@ -68,12 +73,18 @@ def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=No
             scheduler.add_request(pending.pop(0))
         output = scheduler.schedule()
         bucket = runner.bucket_for(*step_size(output))
-        scheduler.update_from_output(output, runner.step(build_step_inputs(output, bucket, runner.page_size)))
+        inputs = build_step_inputs(output, bucket, runner.page_size)
+        result = runner.step(inputs)
+        if result.prompt_logprobs is not None:
+            record_prompt_logprobs(output, inputs.cu_q_lens, result)
+        scheduler.update_from_output(output, result.sampled)
         steps += 1
         if steps == abort_after:
             scheduler.finish_request(requests[0].request_id, RequestStatus.FINISHED_ABORTED)
         pool.check_invariants([r.page_ids for r in scheduler.running])
     assert pool.num_free_pages == pool.num_usable_pages, "pages leaked"
+    if keep_requests:
+        return requests
     return {r.request_id: r.output_token_ids for r in requests}
 
 
@@ -83,9 +94,19 @@ def _prompts(n, seed=0):
 
 
 def _params(n):
-    greedy = SamplingParams(max_tokens=12, temperature=0.0)
-    sampled = [SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=s) for s in range(n)]
-    return [greedy if i % 2 == 0 else sampled[i] for i in range(n)]
+    """Greedy, sampled, and (every third) penalised or min_p rows, so every sampler variant runs."""
+    penalties = dict(repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.3)
+    params = []
+    for i in range(n):
+        if i % 2 == 0:
+            extra = penalties if i % 3 == 0 else {}
+            params.append(SamplingParams(max_tokens=12, temperature=0.0, **extra))
+        else:
+            extra = penalties if i % 3 == 0 else dict(min_p=0.05)
+            params.append(
+                SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=i, **extra)
+            )
+    return params
 
 
 def test_batching_chunking_and_preemption_change_no_tokens(runner):
@@ -111,6 +132,20 @@ def test_greedy_decode_equals_prefill_from_scratch(runner):
     assert text[len(prompt) :] == decoded
 
 
+def test_prompt_logprobs_of_a_chunked_preempted_prompt_equal_a_dense_pass(runner):
+    # The newest request is preempted first: a 40-token prompt arriving last is chunked (budget 8), preempted
+    # and recomputed, taking its own cached pages back, and its logprobs must still come out whole.
+    prompts = _prompts(3, seed=5) + [np.random.default_rng(6).integers(1, TINY.vocab_size, size=40).tolist()]
+    params = _params(3) + [SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=3)]
+    request = _serve(runner, prompts, params, num_pages=14, budget=8, keep_requests=True)[-1]
+    assert request.num_preemptions > 0, "make the pool smaller"
+    dense = dense_log_softmax(TINY, runner.params, prompts[-1])
+    assert len(request.prompt_logprobs) == len(prompts[-1]) and request.prompt_logprobs[0] is None
+    for position in range(1, len(prompts[-1])):
+        got = request.prompt_logprobs[position]
+        assert_top_logprobs(got, prompts[-1][position], dense[position - 1], k=3)
+
+
 class _CompilationCounter:
     EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
 
@@ -133,8 +168,10 @@ def _count_compilations():
 
 
 def test_mixed_workload_compiles_nothing_after_warmup(runner):
-    assert set(runner._forward_programs) == set(runner.buckets)
+    assert set(runner._forward_programs) == {(b, v) for b in runner.buckets for v in (False, True)}
     prompts, params = _prompts(10, seed=1), _params(10)
+    params[1] = dataclasses.replace(params[1], logprobs=3, prompt_logprobs=2)
+    params[4] = dataclasses.replace(params[4], prompt_logprobs=0)
     with _count_compilations() as counter:
         _serve(runner, prompts, params, num_pages=20, budget=16, abort_after=3)
         _serve(runner, prompts[:2], [SamplingParams(max_tokens=3, temperature=0.0)] * 2)
@@ -150,7 +187,7 @@ def test_kv_pool_is_donated_and_updated_in_place(runner):
     _serve(runner, _prompts(2, seed=2), [SamplingParams(max_tokens=2, temperature=0.0)] * 2)
     assert [a.unsafe_buffer_pointer() for layer in runner.kv_pool for a in layer] == pointers
 
-    hlo = runner._forward_programs[runner.buckets[-1]].as_text()
+    hlo = runner._forward_programs[(runner.buckets[-1], False)].as_text()
     header = next(line for line in hlo.splitlines() if "input_output_alias" in line)
     assert header.count("-alias)") == 2 * TINY.num_layers
     page_shape = f"f32[{TINY.num_kv_heads},{CONFIG.num_pages},{CONFIG.page_size},{TINY.head_dim}]"

@@ -3,26 +3,41 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpage.sampling import MAX_TOP_K, greedy_sample, sample
+from jaxpage.sampling import (
+    MAX_TOP_K,
+    Penalties,
+    SamplingRows,
+    apply_penalties,
+    filter_thresholds,
+    greedy_sample,
+    prompt_logprobs,
+    sample,
+)
 
 BASE_KEY = jax.random.key(1234)
-_sample = jax.jit(sample)
+NUM_TOP = 4
+_sample = jax.jit(sample, static_argnames="num_top_logprobs")
+_greedy = jax.jit(greedy_sample, static_argnames="num_top_logprobs")
 
 
-def _draw(logits, temperature=1.0, top_k=0, top_p=1.0, seeds=None, positions=None):
-    """Samples every row of `logits` (f32[B, V]) with the same parameters; returns numpy tokens, logprobs."""
-    batch = logits.shape[0]
-    seeds = np.arange(batch, dtype=np.uint32) if seeds is None else np.asarray(seeds, np.uint32)
-    positions = np.zeros(batch, np.int32) if positions is None else np.asarray(positions, np.int32)
-    out = _sample(
-        jnp.asarray(logits, jnp.float32),
-        jnp.full(batch, temperature, jnp.float32),
-        jnp.full(batch, top_k, jnp.int32),
-        jnp.full(batch, top_p, jnp.float32),
-        jnp.asarray(seeds),
-        jnp.asarray(positions),
-        BASE_KEY,
+def _rows(batch, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, positions=None) -> SamplingRows:
+    """Per-row parameters; each may be a scalar (every row) or a sequence (one per row)."""
+    seeds = np.arange(batch) if seeds is None else seeds
+    positions = np.zeros(batch) if positions is None else positions
+    full = lambda value, dtype: jnp.asarray(np.broadcast_to(np.asarray(value).astype(dtype), (batch,)))
+    return SamplingRows(
+        full(temperature, np.float32),
+        full(top_k, np.int32),
+        full(top_p, np.float32),
+        full(min_p, np.float32),
+        full(seeds, np.uint32),
+        full(positions, np.int32),
     )
+
+
+def _draw(logits, penalties=None, **params):
+    """Samples every row of `logits` (f32[B, V]); returns numpy tokens, logprobs."""
+    out = _sample(jnp.asarray(logits, jnp.float32), _rows(len(logits), **params), BASE_KEY, 0, penalties)
     return np.asarray(out.token_ids), np.asarray(out.logprobs)
 
 
@@ -57,7 +72,7 @@ def _chi_square_limit(dof):
 
 def test_greedy_sample_is_argmax_with_full_vocab_logprob():
     logits = _random_logits(6, 300)
-    out = jax.jit(greedy_sample)(jnp.asarray(logits))
+    out = _greedy(jnp.asarray(logits), num_top_logprobs=0)
     np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
     expected = _log_softmax(logits)[np.arange(6), logits.argmax(-1)]
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, rtol=1e-5)
@@ -66,17 +81,9 @@ def test_greedy_sample_is_argmax_with_full_vocab_logprob():
 def test_temperature_zero_rows_are_argmax_among_sampled_rows():
     logits = _random_logits(8, 500, seed=1)
     temperature = np.array([0, 1, 0, 0.7, 0, 2, 0, 1], np.float32)
-    out = _sample(
-        jnp.asarray(logits),
-        jnp.asarray(temperature),
-        jnp.zeros(8, jnp.int32),
-        jnp.ones(8, jnp.float32),
-        jnp.arange(8, dtype=jnp.uint32),
-        jnp.zeros(8, jnp.int32),
-        BASE_KEY,
-    )
+    tokens, _ = _draw(logits, temperature=temperature, min_p=0.3)
     greedy_rows = temperature == 0
-    np.testing.assert_array_equal(np.asarray(out.token_ids)[greedy_rows], logits.argmax(-1)[greedy_rows])
+    np.testing.assert_array_equal(tokens[greedy_rows], logits.argmax(-1)[greedy_rows])
 
 
 def test_logprob_is_of_the_unmodified_logits_whatever_the_temperature():
@@ -162,10 +169,12 @@ def test_top_p_samples_the_nucleus():
     assert stat < _chi_square_limit(dof), (stat, counts)
 
 
-def test_top_k_and_top_p_together_take_the_smaller_set():
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    # As vLLM: top_k keeps {0.5, 0.2}, renormalised {0.71, 0.29}; top_p 0.7 then keeps only the first. On the
+    # full distribution the mass before 0.2 (0.5) is below 0.7, so it would have stayed.
     row = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], np.float32))
-    counts = _histogram(row, 5_000, top_k=3, top_p=0.6)  # top_p keeps {0.5, 0.2}, top_k {0.5, 0.2, 0.15}
-    assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
+    counts = _histogram(row, 2_000, top_k=2, top_p=0.7)
+    assert counts[0] == 2_000
 
 
 def test_no_top_k_draws_beyond_the_candidates():
@@ -173,3 +182,214 @@ def test_no_top_k_draws_beyond_the_candidates():
     vocab = 4 * MAX_TOP_K
     tokens, _ = _draw(np.zeros((2000, vocab), np.float32), top_p=0.9)
     assert len(set(tokens.tolist())) > 2 * MAX_TOP_K
+
+
+# ---- min_p, the filters together, penalties: numpy references on fixed logits ------------------------------
+
+
+def _reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """vLLM's order on one row: temperature, min_p, top_k, top_p (each over what the last one kept)."""
+    probs = np.exp(_log_softmax(logits / temperature))
+    keep = probs >= min_p * probs.max()
+    order = np.argsort(-probs, kind="stable")
+    if top_k:
+        keep[order[top_k:]] = False
+    kept = np.where(keep, probs, 0) / np.where(keep, probs, 0).sum()
+    before = np.cumsum(kept[order]) - kept[order]
+    keep[order[before >= top_p]] = False
+    final = np.where(keep, probs, 0)
+    return final / final.sum()
+
+
+def _allowed(logits, temperature, top_k, top_p, min_p):
+    """bool[B, V]: the tokens the device filters leave to each row."""
+    scaled = jnp.asarray(logits / temperature[:, None])
+    rows = _rows(len(logits), temperature, top_k, top_p, min_p)
+    threshold = jax.jit(filter_thresholds)(scaled, rows.top_k, rows.top_p, rows.min_p)
+    return np.asarray(scaled >= threshold[:, None])
+
+
+def test_min_p_top_k_top_p_keep_what_the_reference_keeps():
+    rng = np.random.default_rng(10)
+    batch, vocab = 96, 100  # all of the vocabulary is among the candidates: the sets must match exactly
+    logits = rng.normal(size=(batch, vocab)).astype(np.float32) * rng.uniform(0.5, 4, size=(batch, 1))
+    temperature = rng.choice([0.5, 1.0, 1.7], size=batch).astype(np.float32)
+    top_k = rng.choice([0, 0, 1, 3, 20], size=batch)
+    top_p = rng.choice([1.0, 1.0, 0.3, 0.8, 0.95], size=batch).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.02, 0.1, 0.5, 1.0], size=batch).astype(np.float32)
+    allowed = _allowed(logits, temperature, top_k, top_p, min_p)
+    for b in range(batch):
+        expected = _reference_probs(logits[b], temperature[b], top_k[b], top_p[b], min_p[b]) > 0
+        np.testing.assert_array_equal(allowed[b], expected, err_msg=f"row {b}")
+
+
+def test_min_p_keeps_tokens_beyond_the_candidates():
+    # A nearly flat row: min_p 0.5 keeps several hundred tokens, far more than the top_k candidates.
+    row = np.random.default_rng(11).normal(size=1000).astype(np.float32) * 0.15
+    allowed = _allowed(row[None], np.ones(1, np.float32), [0], [1.0], np.array([0.5], np.float32))[0]
+    expected = _reference_probs(row, min_p=0.5) > 0
+    assert expected.sum() > 2 * MAX_TOP_K
+    np.testing.assert_array_equal(allowed, expected)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(min_p=0.15),
+        dict(temperature=0.8, min_p=0.05, top_k=6, top_p=0.9),
+        dict(temperature=1.5, min_p=0.2, top_p=0.7),
+    ],
+)
+def test_filtered_sampling_matches_the_reference_distribution(params):
+    row = np.array([2.0, 1.4, 1.0, 0.7, 0.3, 0.0, -0.4, -0.8, 1.2, -1.5, 0.5, -2.5], np.float32)
+    counts = _histogram(row, 20_000, **params)
+    stat, dof = _chi_square(counts, _reference_probs(row, **params))
+    assert stat < _chi_square_limit(dof), (stat, counts)
+
+
+def _penalties(histories, num_prompt, width, repetition, presence, frequency, poison=0):
+    """Penalties of rows whose (prompt + output) tokens are `histories`; entries past a row's tokens hold
+    `poison`, which must be ignored."""
+    history = np.full((len(histories), width), poison, np.int32)
+    for b, tokens in enumerate(histories):
+        history[b, : len(tokens)] = tokens
+    f32 = lambda x: jnp.asarray(np.asarray(x, np.float32))
+    return Penalties(
+        jnp.asarray(history),
+        jnp.asarray(np.asarray(num_prompt, np.int32)),
+        jnp.asarray(np.asarray([len(h) for h in histories], np.int32)),
+        f32(repetition),
+        f32(presence),
+        f32(frequency),
+    )
+
+
+def _reference_penalties(logits, prompt, output, repetition, presence, frequency):
+    out = logits.astype(np.float64).copy()
+    for token in set(prompt) | set(output):
+        out[token] = out[token] / repetition if out[token] > 0 else out[token] * repetition
+    for token in set(output):
+        out[token] -= frequency * output.count(token) + presence
+    return out
+
+
+# Repeated tokens in prompts and outputs, a token in both, an empty output, a row without penalties.
+PROMPTS = [[5, 9, 5, 2], [3, 3, 3], [7, 1], [4, 8, 0]]
+OUTPUTS = [[9, 9, 11, 5], [], [1, 1, 1, 6, 6], [2]]
+PENALTY_ROWS = dict(
+    repetition=[1.3, 2.0, 0.7, 1.0], presence=[0.5, -1.0, 2.0, 0.0], frequency=[0.25, 1.0, -0.5, 0]
+)
+
+
+def test_penalties_match_the_reference():
+    logits = _random_logits(4, 16, seed=12)
+    logits[:, :8] = np.abs(logits[:, :8]) * np.array([1, -1, 1, -1, 1, -1, 1, -1])  # both signs in play
+    histories = [p + o for p, o in zip(PROMPTS, OUTPUTS, strict=True)]
+    penalties = _penalties(histories, [len(p) for p in PROMPTS], 12, poison=13, **PENALTY_ROWS)
+    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), penalties))
+    for b in range(4):
+        args = [PENALTY_ROWS[name][b] for name in ("repetition", "presence", "frequency")]
+        expected = _reference_penalties(logits[b], PROMPTS[b], OUTPUTS[b], *args)
+        np.testing.assert_allclose(got[b], expected, rtol=1e-6, err_msg=f"row {b}")
+    np.testing.assert_array_equal(got[3], logits[3])  # penalties off: the logits as they were
+
+
+def test_greedy_rows_take_the_argmax_of_the_penalised_logits_and_logprobs_stay_raw():
+    logits = _random_logits(4, 16, seed=13, scale=0.5)
+    for b, token in enumerate((9, 3, 1, 2)):  # a repeated token leads each row before the penalties
+        logits[b, token] = logits[b].max() + 0.1
+    histories = [p + o for p, o in zip(PROMPTS, OUTPUTS, strict=True)]
+    penalties = _penalties(histories, [len(p) for p in PROMPTS], 16, **PENALTY_ROWS)
+    out = _sample(jnp.asarray(logits), _rows(4, temperature=0.0), BASE_KEY, NUM_TOP, penalties)
+    expected = [
+        _reference_penalties(logits[b], PROMPTS[b], OUTPUTS[b], *(PENALTY_ROWS[n][b] for n in PENALTY_ROWS))
+        for b in range(4)
+    ]
+    np.testing.assert_array_equal(np.asarray(out.token_ids), np.argmax(expected, axis=-1))
+    assert np.any(np.asarray(out.token_ids) != logits.argmax(-1)), "the penalties changed nothing here"
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs), _log_softmax(logits)[np.arange(4), tokens], rtol=1e-5
+    )
+
+
+def test_seeded_penalised_row_ignores_its_neighbours_and_the_history_width():
+    rng = np.random.default_rng(14)
+    mine = rng.normal(size=400).astype(np.float32)
+    params = dict(temperature=1.0, top_p=0.95, min_p=0.01)
+    history = [3, 3, 17, 250, 17, 17, 99]
+    alone, _ = _draw(
+        mine[None], _penalties([history], [3], 8, [1.5], [0.5], [0.7]), seeds=[77], positions=[7], **params
+    )
+    for batch, row, width in ((7, 3, 32), (16, 0, 64)):
+        logits = rng.normal(size=(batch, 400)).astype(np.float32) * 5
+        logits[row] = mine
+        histories = [rng.integers(0, 400, size=rng.integers(0, width)).tolist() for _ in range(batch)]
+        histories[row] = history
+        num_prompt = [rng.integers(0, len(h) + 1) for h in histories]
+        num_prompt[row] = 3
+        knobs = [rng.uniform(0.5, 2, batch), rng.uniform(-2, 2, batch), rng.uniform(-2, 2, batch)]
+        for knob, value in zip(knobs, (1.5, 0.5, 0.7), strict=True):
+            knob[row] = value
+        seeds, positions = rng.integers(0, 2**32, size=batch), rng.integers(0, 1000, size=batch)
+        seeds[row], positions[row] = 77, 7
+        penalties = _penalties(histories, num_prompt, width, *knobs, poison=5)
+        tokens, _ = _draw(logits, penalties, seeds=seeds, positions=positions, **params)
+        assert tokens[row] == alone[0], (batch, row)
+
+
+# ---- logprobs ---------------------------------------------------------------------------------------------
+
+
+def _assert_top_logprobs(out, logits, k):
+    expected_ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids), expected_ids)
+    expected = np.take_along_axis(_log_softmax(logits), expected_ids, axis=-1)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["greedy", "sampled", "penalised"])
+def test_top_logprobs_are_the_log_softmax_top_k_of_the_unmodified_logits(variant):
+    logits = _random_logits(4, 300, seed=15)
+    if variant == "greedy":
+        out = _greedy(jnp.asarray(logits), num_top_logprobs=NUM_TOP)
+    else:
+        penalties = None
+        if variant == "penalised":
+            histories = [list(range(50)), [], [7, 7], [299]]
+            penalties = _penalties(histories, [10, 0, 1, 1], 64, [2, 1, 1.5, 3], [1, 0, 2, -2], [1, 0, 2, 2])
+        rows = _rows(4, temperature=[0.5, 1.0, 2.0, 0.0], top_k=[0, 3, 0, 0], min_p=0.05)
+        out = _sample(jnp.asarray(logits), rows, BASE_KEY, NUM_TOP, penalties)
+    _assert_top_logprobs(out, logits, NUM_TOP)
+    assert np.asarray(out.top_token_ids).dtype == np.int32
+
+
+def test_prompt_logprobs_are_the_log_softmax_at_each_next_token():
+    logits = _random_logits(10, 300, seed=16)
+    next_ids = np.random.default_rng(16).integers(0, 300, size=10).astype(np.int32)
+    out = jax.jit(prompt_logprobs, static_argnames="num_top_logprobs")(
+        jnp.asarray(logits), jnp.asarray(next_ids), num_top_logprobs=3
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs), _log_softmax(logits)[np.arange(10), next_ids], rtol=1e-5
+    )
+    _assert_top_logprobs(out, logits, 3)
+
+
+def test_no_sampler_variant_sorts_the_vocabulary():
+    # lax.top_k must stay a TopK over the candidates; a full sort of [B, V] costs ~30x as much on CPU.
+    batch, vocab = 4, 1000
+    logits = jax.ShapeDtypeStruct((batch, vocab), jnp.float32)
+    rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _rows(batch))
+    penalties = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        _penalties([[1, 2]] * batch, [1] * batch, 8, *[[1] * batch] * 3),
+    )
+    programs = [
+        _greedy.lower(logits, num_top_logprobs=NUM_TOP),
+        _sample.lower(logits, rows, BASE_KEY, NUM_TOP, None),
+        _sample.lower(logits, rows, BASE_KEY, NUM_TOP, penalties),
+    ]
+    for program in programs:
+        sorts = [line for line in program.compile().as_text().splitlines() if " sort(" in line]
+        assert sorts == [], sorts

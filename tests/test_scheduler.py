@@ -4,6 +4,8 @@ The fake model also keeps a fake KV store keyed by slot, so a page written by on
 a page freed too early, or a token computed out of order all change the outputs or trip an assert.
 """
 
+import dataclasses
+
 import hypothesis.strategies as st
 import pytest
 from fake_kv_model import EOS, VOCAB, FakeKVModel, next_token
@@ -54,7 +56,7 @@ def check_invariants(sched):
     sched.pool.check_invariants([r.page_ids for r in sched.running])
     assert len(sched.running) <= sched.max_num_seqs
     for r in sched.waiting:
-        assert not r.page_ids and r.num_computed_tokens == 0
+        assert not r.page_ids and (r.status == RequestStatus.SWAPPED or r.num_computed_tokens == 0)
     for r in sched.running:
         assert len(r.page_ids) == -(-r.num_computed_tokens // sched.page_size)
 
@@ -269,3 +271,143 @@ def test_any_workload_matches_unbatched_outputs_and_returns_every_page(
             assert request.output_token_ids == expected[: len(request.output_token_ids)]
         else:
             assert (request.output_token_ids, request.status.finish_reason) == (expected, reason)
+
+
+# ---- what beam search does between steps: fork, replace the pending token, hold ---------------------------
+
+
+def step(sched, model):
+    out = sched.schedule()
+    sched.update_from_output(out, model.step(out, sched.max_num_batched_tokens, sched.max_num_seqs))
+    check_invariants(sched)
+    return out
+
+
+def continued_output(request, forced):
+    """What the request yields when its output began with `forced` (a fork or a replaced token)."""
+    params = dataclasses.replace(
+        request.sampling_params, max_tokens=request.sampling_params.max_tokens - len(forced)
+    )
+    return forced + reference_output(request.prompt_token_ids + forced, params)[0]
+
+
+def test_forked_request_shares_every_page_and_copies_the_partly_filled_one_when_written():
+    sched, model = make_scheduler(page_size=4)
+    parent = make_request(0, prompt_len=6, max_tokens=5)
+    sched.add_request(parent)
+    step(sched, model)
+    child = sched.fork_request("r0", "r0+")
+    assert child.page_ids == parent.page_ids and all(sched.pool.ref_count(p) == 2 for p in parent.page_ids)
+    assert sched.running == [parent, child] and child.num_computed_tokens == parent.num_computed_tokens == 6
+    forced = [(parent.output_token_ids[0] + 1) % VOCAB]
+    sched.replace_last_token("r0+", forced[0], -0.5, -0.5)
+    assert child.output_token_ids == forced and child.cumulative_logprob == -0.5
+    out = step(sched, model)
+    (full, partial) = parent.page_ids
+    assert len(out.copies) == 1 and out.copies[0][0] in (partial, child.page_ids[1])
+    assert child.page_ids[0] == full and sched.pool.ref_count(full) == 2 and child.page_ids[1] != partial
+    run_to_completion(sched, model)
+    assert parent.output_token_ids == reference_output(parent.prompt_token_ids, parent.sampling_params)[0]
+    assert child.output_token_ids == continued_output(child, forced)
+    assert sched.pool.num_free_pages == sched.pool.num_usable_pages
+
+
+def test_held_request_is_not_scheduled_until_released():
+    sched, model = make_scheduler()
+    held, other = make_request(0, 5, max_tokens=4), make_request(1, 7, max_tokens=6)
+    sched.add_request(held)
+    sched.add_request(other)
+    step(sched, model)
+    sched.hold("r0")
+    before = list(held.output_token_ids)
+    for _ in range(3):
+        assert [item.request for item in step(sched, model).scheduled] == [other]
+    assert held.output_token_ids == before and held.status == RequestStatus.RUNNING
+    sched.release("r0")
+    run_to_completion(sched, model)
+    for r in (held, other):
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params)[0]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_held_requests_give_way_when_nothing_else_can_run(mode):
+    # One row: a held request would keep the waiting one out forever.
+    pool = PagePool(64)
+    sched = Scheduler(
+        pool,
+        page_size=4,
+        max_num_seqs=1,
+        max_num_batched_tokens=32,
+        max_model_len=128,
+        preemption_mode=mode,
+        num_swap_pages=16,
+    )
+    model = FakeModel(4)
+    first, second = make_request(0, 9, max_tokens=3), make_request(1, 5, max_tokens=3)
+    sched.add_request(first)
+    sched.add_request(second)
+    step(sched, model)
+    sched.hold("r0")
+    out = step(sched, model)
+    assert out.preempted == [first] and [item.request for item in out.scheduled] == [second]
+    assert first.status == (RequestStatus.SWAPPED if mode == "swap" else RequestStatus.PREEMPTED)
+    assert bool(out.swap_out) == (mode == "swap") and "r0" in sched.held
+    while second.status == RequestStatus.RUNNING:
+        step(sched, model)  # the held request stays out while the other one runs
+    sched.release("r0")
+    run_to_completion(sched, model)
+    for r in (first, second):
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params)[0]
+    assert pool.num_free_pages == pool.num_usable_pages and sched.num_used_swap_pages == 0
+
+
+def test_fork_without_a_free_row_or_of_a_queued_parent_waits_and_computes_its_tokens():
+    sched, model = make_scheduler(max_num_seqs=1)
+    running, queued = make_request(0, 6, max_tokens=4), make_request(1, 5, max_tokens=3)
+    sched.add_request(running)
+    sched.add_request(queued)
+    step(sched, model)
+    row_child = sched.fork_request("r0", "r0+")
+    queue_child = sched.fork_request("r1", "r1+")
+    assert list(sched.waiting) == [row_child, queued, queue_child]
+    assert not row_child.page_ids and row_child.num_computed_tokens == 0 and row_child.output_token_ids
+    run_to_completion(sched, model)
+    assert row_child.output_token_ids == running.output_token_ids
+    assert queue_child.output_token_ids == queued.output_token_ids
+    assert sched.pool.num_free_pages == sched.pool.num_usable_pages
+
+
+def test_sample_admitted_in_the_step_its_source_copies_its_page_reads_the_right_tokens():
+    # The source copies its partly filled page (shared with a fork) in the step its sibling sample is admitted
+    # sharing the copy: the sibling's own copy must come from the original page, as the copies all read the
+    # pool as it was before them.
+    sched, model = make_scheduler(page_size=4)
+    source = make_request(0, prompt_len=6, max_tokens=4)
+    sibling = Request("s", source.prompt_token_ids, source.sampling_params, fork_source=source)
+    sched.add_request(source)
+    sched.add_request(sibling)
+    step(sched, model)  # the sibling waits for the source to compute the prompt
+    sched.fork_request("r0", "r0+")
+    out = step(sched, model)
+    assert sibling in [item.request for item in out.scheduled] and len(out.copies) == 2
+    run_to_completion(sched, model)
+    assert sibling.output_token_ids == source.output_token_ids
+
+
+def test_replacing_the_pending_token_keeps_its_alternatives():
+    sched, model = make_scheduler()
+    parent = Request("r", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0, logprobs=2))
+    sched.add_request(parent)
+    step(sched, model)
+    # What the engine records per token: the chosen one first, then the 2 most likely.
+    parent.output_top_logprobs.append({7: -3.0, 4: -0.5, 9: -1.0})
+    child = sched.fork_request("r", "r+")
+    sched.replace_last_token("r+", 9, -1.0, -1.5)
+    sched.replace_last_token("r", 5, -2.0, -2.5)
+    assert list(child.output_top_logprobs[-1].items()) == [(9, -1.0), (4, -0.5)]
+    assert list(parent.output_top_logprobs[-1].items()) == [(5, -2.0), (4, -0.5), (9, -1.0)]
+    assert (child.output_logprobs[-1], child.cumulative_logprob, parent.output_logprobs[-1]) == (
+        -1.0,
+        -1.5,
+        -2.0,
+    )
