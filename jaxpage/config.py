@@ -4,7 +4,7 @@ import dataclasses
 import math
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+_ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas")
 _PREEMPTION_MODES = ("recompute", "swap")
 
 
@@ -45,7 +45,7 @@ class EngineConfig:
     token_buckets: tuple[int, ...] = (16, 64, 256, 512)
     seq_buckets: tuple[int, ...] = (4, 16, 64)
     page_buckets: tuple[int, ...] = (8, 32, 128, 512)  # pages per row of the page table
-    attention_backend: str = "auto"  # "auto": pallas on GPU, the pure-jnp reference elsewhere
+    attention_backend: str = "auto"  # "auto": pallas on GPU, the blocked pure-jnp attention elsewhere
     compilation_cache_dir: str | None = ".cache/jax"  # JAX's persistent compilation cache; None = off
     checkpoint_cache_dir: str | None = ".cache/checkpoints"  # converted weights; None = convert every time
     seed: int = 0  # base of every request's sampling key, and of the seeds given to requests without one

@@ -52,9 +52,9 @@ FORWARD_FIELDS = (
 
 
 def resolve_attention_backend(name: str) -> str:
-    """The backend "auto" stands for: the Pallas kernels on GPU, the pure-jnp reference elsewhere."""
+    """The backend "auto" stands for: the Pallas kernels on GPU, the blocked pure-jnp attention elsewhere."""
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return "pallas" if jax.default_backend() == "gpu" else "blocked"
     return name
 
 

@@ -1,16 +1,20 @@
 """Paged attention for one layer: write the step's K/V into the pool, then attend over pages.
 
-The one switch between the pure-jnp references (CPU, and the oracle) and the Pallas kernels (GPU) lives here.
+The one switch between the backends lives here: "blocked" (pure jnp, the CPU path), "reference" (the simple
+pure-jnp oracle), "pallas" (the GPU kernels) and "pallas_interpret" (the kernels in Pallas' interpreter).
 """
 
 from typing import NamedTuple
 
 import jax
 
+from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
-BACKENDS = ("reference", "pallas", "pallas_interpret")
+BACKENDS = ("blocked", "reference", "pallas", "pallas_interpret")
+# The pure-jnp attentions; both write K/V with the reference scatter, which XLA does in place.
+_JNP_ATTENTION = {"blocked": ragged_paged_attention_blocked, "reference": ragged_paged_attention_reference}
 
 
 class AttentionMetadata(NamedTuple):
@@ -38,9 +42,9 @@ def paged_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
     check_backend(backend)
     k_pages, v_pages = kv_pages
-    if backend == "reference":
+    if backend in _JNP_ATTENTION:
         k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
-        out = ragged_paged_attention_reference(
+        out = _JNP_ATTENTION[backend](
             q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens
         )
         return out, (k_pages, v_pages)

@@ -143,7 +143,9 @@ def test_prompt_logprobs_of_a_chunked_preempted_prompt_equal_a_dense_pass(runner
     assert len(request.prompt_logprobs) == len(prompts[-1]) and request.prompt_logprobs[0] is None
     for position in range(1, len(prompts[-1])):
         got = request.prompt_logprobs[position]
-        assert_top_logprobs(got, prompts[-1][position], dense[position - 1], k=3)
+        # 1e-3: the runner's CPU attention ("blocked") sums in another order than the dense pass, and the
+        # tiny model's x10 weights amplify that to ~7e-4; a misplaced position would be off by ~1.
+        assert_top_logprobs(got, prompts[-1][position], dense[position - 1], k=3, tol=1e-3)
 
 
 class _CompilationCounter:
