@@ -11,40 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ragged_paged_attention import make_paged_case
 
 from models.attention import AttentionMetadata, paged_attention
 from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 
-def make_case(seed, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, extra_pages, padding):
-    """Random float32 queries and pool for requests with these (q_len, kv_len); everything unreadable is NaN.
-
-    Returns (q f32[T, Hq, d], k_pages, v_pages f32[Hkv, N, page_size, d], kv_lens i32[B],
-    page_table i32[B, P], cu_q_lens i32[B + 1]) with `padding` tokens after the last request and
-    `extra_pages` null columns past the longest request's pages.
-    """
-    rng = np.random.default_rng(seed)
-    pages_needed = [-(-kv // page_size) for kv in kv_lens]
-    num_pages = 1 + sum(pages_needed) + 3  # the null page, the requests' pages, and a few nobody owns
-    ids = iter(rng.permutation(np.arange(1, num_pages)))
-    page_table = np.zeros((len(kv_lens), max(pages_needed) + extra_pages), np.int32)
-    readable = np.zeros((num_pages, page_size), bool)
-    for b, kv in enumerate(kv_lens):
-        for i in range(pages_needed[b]):
-            page_table[b, i] = next(ids)
-            readable[page_table[b, i], : min(page_size, kv - i * page_size)] = True
-    k_pages, v_pages = rng.standard_normal((2, num_kv_heads, num_pages, page_size, head_dim))
-    k_pages[:, ~readable] = np.nan
-    v_pages[:, ~readable] = np.nan
-    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    q = rng.standard_normal((cu_q_lens[-1] + padding, num_q_heads, head_dim))
-    q[cu_q_lens[-1] :] = np.nan
-    f32, i32 = (
-        functools.partial(jnp.asarray, dtype=jnp.float32),
-        functools.partial(jnp.asarray, dtype=jnp.int32),
-    )
-    return f32(q), f32(k_pages), f32(v_pages), i32(kv_lens), i32(page_table), i32(cu_q_lens)
+def make_case(seed, *, q_lens, padding, **shape):
+    """A float32 case of `make_paged_case` with `padding` NaN query tokens after the last request's."""
+    return make_paged_case(seed, q_lens=q_lens, num_tokens=sum(q_lens) + padding, dtype=jnp.float32, **shape)
 
 
 def check_against_reference(args, **blocks):

@@ -18,9 +18,21 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def make_paged_case(
-    seed, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype, num_tokens=None
+    seed,
+    *,
+    q_lens,
+    kv_lens,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    page_size,
+    dtype,
+    num_tokens=None,
+    extra_pages=0,
 ):
-    """Random queries and pool for requests with these lengths; everything unreadable is NaN.
+    """Random queries and pool for requests with these lengths; everything unreadable is NaN. `num_tokens`
+    (default: the requests' own) pads the step with NaN queries; `extra_pages` widens the page table with null
+    columns past the longest request's pages, as a bucket does.
 
     Returns (q f[T, Hq, d], k_pages, v_pages f[Hkv, N, page_size, d], kv_lens i32[B], page_table i32[B, P],
     cu_q_lens i32[B + 1]).
@@ -29,7 +41,7 @@ def make_paged_case(
     pages_needed = [-(-kv // page_size) for kv in kv_lens]
     num_pages = 1 + sum(pages_needed) + 3  # the null page, the requests' pages, and a few nobody owns
     ids = iter(rng.permutation(np.arange(1, num_pages)))
-    page_table = np.zeros((len(kv_lens), max(1, *pages_needed)), np.int32)
+    page_table = np.zeros((len(kv_lens), max(1, *pages_needed) + extra_pages), np.int32)
     readable = np.zeros((num_pages, page_size), bool)
     for b, kv in enumerate(kv_lens):
         for i in range(pages_needed[b]):
