@@ -16,8 +16,8 @@ from jaxpage import page_copy
 from jaxpage.batch import build_step_inputs, prompt_logprob_positions, step_size
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
-from jaxpage.metrics import EngineMetrics, request_metrics
-from jaxpage.outputs import CompletionOutput, RequestOutput, SampleGroup, TextState, top_dict
+from jaxpage.metrics import EngineMetrics
+from jaxpage.outputs import RequestOutput, SampleGroup, TextState, beam_search_output, top_dict
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 from jaxpage.runner import Runner, StepOutput, kv_bytes_per_page
@@ -292,7 +292,7 @@ class LLMEngine:
             beams = self._beam_of.get(sample.request_id)
             if beams is not None:
                 if self._advance_beams(beams, sample, result.sampled, row):
-                    beam_outputs.append(self._beam_output(beams))
+                    beam_outputs.append(beam_search_output(beams, self.tokenizer))
                 continue
             k = sample.sampling_params.logprobs
             if k is not None:
@@ -329,37 +329,6 @@ class LLMEngine:
         if beams.finished:
             del self._beams[beams.request_id]
         return beams.finished
-
-    def _beam_output(self, beams: BeamGroup) -> RequestOutput:
-        """The n best hypotheses, best first; a beam search reports only once it is over."""
-        first = beams.first_request
-        completions = []
-        for index, hypothesis in enumerate(beams.best()):
-            token_ids = list(hypothesis.token_ids)
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            wants_logprobs = first.sampling_params.logprobs is not None
-            logprobs = [{t: lp} for t, lp in zip(token_ids, hypothesis.logprobs, strict=True)]
-            completions.append(
-                CompletionOutput(
-                    index=index,
-                    text=text,
-                    token_ids=token_ids,
-                    finish_reason=hypothesis.finish_reason,
-                    logprobs=logprobs if wants_logprobs else None,
-                    new_text=text,
-                    new_token_ids=token_ids,
-                    cumulative_logprob=hypothesis.cumulative_logprob,
-                )
-            )
-        prompt_logprobs = first.prompt_logprobs if first.sampling_params.prompt_logprobs is not None else None
-        return RequestOutput(
-            beams.request_id,
-            first.prompt_token_ids,
-            completions,
-            True,
-            request_metrics(first),
-            list(prompt_logprobs) if prompt_logprobs is not None else None,
-        )
 
     def _move_pages(self, scheduled) -> None:
         # Before the step: save the victims' pages before anything can overwrite them, restore swapped-in

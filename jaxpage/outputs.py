@@ -6,6 +6,7 @@ a stream never shows text that the final output will not have.
 
 import dataclasses
 
+from jaxpage.beam_search import BeamGroup
 from jaxpage.metrics import RequestMetrics, request_metrics
 from jaxpage.request import Request
 from jaxpage.sampling_params import SamplingParams
@@ -129,3 +130,35 @@ class SampleGroup:
             request_metrics(first),
             list(first.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
         )
+
+
+def beam_search_output(beams: BeamGroup, tokenizer: Tokenizer) -> RequestOutput:
+    """The n best hypotheses, best first; a beam search reports only once it is over."""
+    first = beams.first_request
+    completions = []
+    for index, hypothesis in enumerate(beams.best()):
+        token_ids = list(hypothesis.token_ids)
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        wants_logprobs = first.sampling_params.logprobs is not None
+        logprobs = [{t: lp} for t, lp in zip(token_ids, hypothesis.logprobs, strict=True)]
+        completions.append(
+            CompletionOutput(
+                index=index,
+                text=text,
+                token_ids=token_ids,
+                finish_reason=hypothesis.finish_reason,
+                logprobs=logprobs if wants_logprobs else None,
+                new_text=text,
+                new_token_ids=token_ids,
+                cumulative_logprob=hypothesis.cumulative_logprob,
+            )
+        )
+    prompt_logprobs = first.prompt_logprobs if first.sampling_params.prompt_logprobs is not None else None
+    return RequestOutput(
+        beams.request_id,
+        first.prompt_token_ids,
+        completions,
+        True,
+        request_metrics(first),
+        list(prompt_logprobs) if prompt_logprobs is not None else None,
+    )

@@ -2,7 +2,6 @@
 rules), the exhaustive optimum on a tiny vocabulary, and beam groups served by the scheduler on shared,
 forked pages with preemption, where the fake KV model checks every token it reads from the pages."""
 
-import dataclasses
 import hashlib
 import itertools
 
@@ -246,10 +245,9 @@ def beam_group(index, prompt, width, max_tokens, length_penalty=1.0, early_stopp
         best_of=width,
         max_tokens=max_tokens,
         length_penalty=length_penalty,
+        early_stopping=early_stopping,
     )
     beam_params = beam_search_params(params, frozenset({EOS}), max_logprobs=2 * width, max_new_tokens=64)
-    # SamplingParams takes only a bool yet.
-    beam_params = dataclasses.replace(beam_params, early_stopping=early_stopping)
     return BeamGroup(f"g{index}", prompt, params, beam_params)
 
 
