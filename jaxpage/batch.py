@@ -15,6 +15,11 @@ import numpy as np
 
 from jaxpage.scheduler import SchedulerOutput
 
+# Columns of a row's banned token ids: the most EOS plus stop token ids a request with min_tokens may have.
+MAX_BANNED_TOKENS = 16
+# Fills the unused columns: an id past every vocabulary, which the sampler's scatter drops.
+NO_TOKEN = np.iinfo(np.int32).max
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Bucket:
@@ -41,6 +46,9 @@ class StepInputs(NamedTuple):
     seeds: np.ndarray  # u32[B]
     sample_positions: np.ndarray  # i32[B]: position of the token sampled for the row
     min_p: np.ndarray  # f32[B]; 0 = off
+    # i32[B, MAX_BANNED_TOKENS]: ids a sampled row may not draw (its EOS and stop token ids until it has
+    # min_tokens outputs); NO_TOKEN elsewhere.
+    banned_token_ids: np.ndarray
     repetition_penalty: np.ndarray  # f32[B]; 1 = off
     presence_penalty: np.ndarray  # f32[B]; 0 = off
     frequency_penalty: np.ndarray  # f32[B]; 0 = off
@@ -119,6 +127,16 @@ def request_seed(request) -> int:
     return seed if seed is not None else zlib.crc32(request.request_id.encode())
 
 
+def banned_token_ids(request) -> list[int]:
+    """What the request may not draw next: as vLLM's min_tokens, its stop token ids and (unless it ignores
+    EOS) its EOS ids while it has fewer than min_tokens outputs."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        return []
+    eos = set() if params.ignore_eos else set(request.eos_token_ids)
+    return sorted(eos | set(params.stop_token_ids))
+
+
 def uses_penalties(params) -> bool:
     return params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
 
@@ -154,6 +172,7 @@ def padding_inputs(bucket: Bucket, history_width: int = 0, prompt_logprobs: bool
         seeds=np.zeros(b, np.uint32),
         sample_positions=zeros(b),
         min_p=np.zeros(b, np.float32),
+        banned_token_ids=np.full((b, MAX_BANNED_TOKENS), NO_TOKEN, np.int32),
         repetition_penalty=np.ones(b, np.float32),
         presence_penalty=np.zeros(b, np.float32),
         frequency_penalty=np.zeros(b, np.float32),
@@ -212,6 +231,9 @@ def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -
         x.top_p[row] = params.top_p
         x.seeds[row] = request_seed(request)
         x.min_p[row] = params.min_p
+        if item.samples_token:
+            banned = banned_token_ids(request)
+            x.banned_token_ids[row, : len(banned)] = banned
         wants_top_logprobs |= bool(params.logprobs) or params.use_beam_search
         if penalised[row]:
             x.repetition_penalty[row] = params.repetition_penalty

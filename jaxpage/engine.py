@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpage import page_copy
-from jaxpage.batch import build_step_inputs, prompt_logprob_positions, step_size
+from jaxpage.batch import MAX_BANNED_TOKENS, build_step_inputs, prompt_logprob_positions, step_size
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
 from jaxpage.metrics import EngineMetrics
@@ -195,6 +195,18 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
                 raise ValueError(f"{name} must be <= max_logprobs ({self.config.max_logprobs}), got {value}")
+        vocab_size = self.model_config.vocab_size
+        for token_id in params.stop_token_ids:
+            if token_id >= vocab_size:
+                raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab_size}, got {token_id}")
+        if params.min_tokens > 0:
+            eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+            banned = eos | set(params.stop_token_ids)
+            if len(banned) > MAX_BANNED_TOKENS:
+                raise ValueError(
+                    f"stop_token_ids: with min_tokens > 0, at most {MAX_BANNED_TOKENS} EOS and stop token "
+                    f"ids can be held back, got {len(banned)} ({len(eos)} EOS + {params.stop_token_ids!r})"
+                )
 
     def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
         """Prompt token ids of a text prompt, token ids, or chat messages; ValueError for an unusable one."""

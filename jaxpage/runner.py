@@ -101,7 +101,13 @@ def _forward_arrays(inputs: StepInputs) -> dict[str, np.ndarray]:
 
 def _sampling_rows(inputs: StepInputs) -> SamplingRows:
     return SamplingRows(
-        inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p, inputs.seeds, inputs.sample_positions
+        inputs.temperature,
+        inputs.top_k,
+        inputs.top_p,
+        inputs.min_p,
+        inputs.seeds,
+        inputs.sample_positions,
+        inputs.banned_token_ids,
     )
 
 
@@ -194,9 +200,11 @@ class Runner:
         self, num_rows: int, variant: str, history_width: int, k: int
     ) -> jax.stages.Compiled:
         logits = jax.ShapeDtypeStruct((num_rows, self.model_config.vocab_size), jnp.float32)
-        if variant == _GREEDY:
-            return self._greedy_jit.lower(logits, num_top_logprobs=k).compile()
         inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
+        if variant == _GREEDY:
+            return self._greedy_jit.lower(
+                logits, _abstract(inputs.banned_token_ids), num_top_logprobs=k
+            ).compile()
         rows = _abstract(_sampling_rows(inputs))
         penalties = _abstract(_penalties(inputs)) if variant == _PENALISED else None
         return self._sample_jit.lower(logits, rows, self._base_key, k, penalties).compile()
@@ -281,7 +289,7 @@ class Runner:
             rows, penalties = jax.device_put((_sampling_rows(inputs), _penalties(inputs)))
             out = sampler(logits, rows, self._base_key, penalties)
         elif inputs.all_greedy:
-            out = self._sample_program(inputs, _GREEDY, 0)(logits)
+            out = self._sample_program(inputs, _GREEDY, 0)(logits, jax.device_put(inputs.banned_token_ids))
         else:
             sampler = self._sample_program(inputs, _SAMPLED, 0)
             out = sampler(logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None)

@@ -14,8 +14,11 @@ distribution, not only from the candidates, and every cumulative sum stays short
 exact where it matters. This costs a few elementwise passes over the logits, far less than a Gumbel noise
 per vocabulary entry (threefry for B x V values).
 
+Before all of that, a row's banned tokens (its EOS and stop token ids while it has fewer than `min_tokens`
+outputs, as vLLM's min_tokens) get logit -inf, so neither greedy nor sampled rows can draw them.
+
 Logprobs (the chosen token's and the `num_top_logprobs` most likely) are always those of the unmodified
-logits, before penalties, temperature and filters: what vLLM reports.
+logits, before bans, penalties, temperature and filters: what vLLM reports.
 """
 
 from typing import NamedTuple
@@ -45,6 +48,7 @@ class SamplingRows(NamedTuple):
     min_p: jax.Array  # f32[B] in [0, 1]; 0 = off
     seeds: jax.Array  # u32[B]
     positions: jax.Array  # i32[B]: position in the request of the token being sampled
+    banned_token_ids: jax.Array  # i32[B, S]: ids the row may not draw; entries >= V are ignored
 
 
 class Penalties(NamedTuple):
@@ -90,10 +94,22 @@ def prompt_logprobs(
     return PromptLogprobs(_logprobs_of(logits, next_token_ids), *_top_logprobs(logits, num_top_logprobs))
 
 
-def greedy_sample(logits: jax.Array, num_top_logprobs: int) -> SampledTokens:  # logits: f32[B, V]
-    """Argmax of every row: the variant compiled for steps in which no row samples or has penalties."""
-    logits = logits.astype(jnp.float32)
-    return _sampled(logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), num_top_logprobs)
+def ban_tokens(logits: jax.Array, banned_token_ids: jax.Array) -> jax.Array:  # f32[B, V], i32[B, S]
+    """The logits with each row's banned ids at -inf; ids past the vocabulary (the padding) are dropped."""
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0], dtype=jnp.int32)[:, None], banned_token_ids.shape)
+    return logits.at[rows, banned_token_ids].set(-jnp.inf, mode="drop")
+
+
+def greedy_sample(
+    logits: jax.Array,  # f32[B, V]
+    banned_token_ids: jax.Array,  # i32[B, S], as SamplingRows.banned_token_ids
+    num_top_logprobs: int,
+) -> SampledTokens:
+    """Argmax of every row but its banned tokens: the variant compiled for steps in which no row samples or
+    has penalties."""
+    raw = logits.astype(jnp.float32)
+    token_ids = jnp.argmax(ban_tokens(raw, banned_token_ids), axis=-1).astype(jnp.int32)
+    return _sampled(raw, token_ids, num_top_logprobs)
 
 
 def apply_penalties(logits: jax.Array, penalties: Penalties) -> jax.Array:  # f32[B, V] -> f32[B, V]
@@ -182,10 +198,11 @@ def sample(
     num_top_logprobs: int,  # static K of the top logprobs
     penalties: Penalties | None = None,  # None compiles the variant without them
 ) -> SampledTokens:
-    """Samples one token per row with that row's parameters; greedy rows take the argmax of the penalised
-    logits."""
+    """Samples one token per row with that row's parameters; greedy rows take the argmax of the logits after
+    bans and penalties."""
     raw = logits.astype(jnp.float32)
-    logits = raw if penalties is None else apply_penalties(raw, penalties)
+    logits = ban_tokens(raw, rows.banned_token_ids)
+    logits = logits if penalties is None else apply_penalties(logits, penalties)
     greedy = rows.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
     threshold = filter_thresholds(scaled, rows.top_k, rows.top_p, rows.min_p)

@@ -45,7 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # a str or a list of str is accepted and stored as a tuple
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    min_tokens: int = 0  # no EOS, stop token or stop string ends the request before this many tokens
+    min_tokens: int = 0  # until this many tokens: EOS and stop token ids are never drawn, stop strings wait
     logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
     prompt_logprobs: int | None = None  # None: none; k: every prompt token's log-probability and top k
     n: int = 1  # completions returned

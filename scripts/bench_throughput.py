@@ -2,7 +2,8 @@
 
 Prompts are synthetic (random token ids of random lengths) or ShareGPT first turns (the first user message,
 rendered with the chat template; the output length is that of the recorded reply). Every request generates
-exactly its output length (EOS ignored, greedy), so two systems do the same work. Prints requests/s, output
+exactly its output length, greedy, with EOS held back until then (min_tokens, as HF's min_new_tokens), so two
+systems do the same work and should pick the same tokens. Prints requests/s, output
 tokens/s, mean TTFT and TPOT, compile time, and KV memory waste: the slots of the pages in running requests'
 page tables that hold no token, summed over steps, relative to the tokens held (a shared page counts once).
 On CPU it also runs HF transformers `generate` on the same prompts in the same run (scripts/hf_throughput.py
@@ -135,7 +136,7 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
     start = time.perf_counter()
     ids = []
     for prompt, output_len in zip(workload.prompt_token_ids, workload.output_lens, strict=True):
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0.0)
         ids.append(engine.add_request(prompt, params))
     first, finish, outputs = {}, {}, {}
     slots = stored = peak_pages = steps = 0
@@ -184,8 +185,8 @@ class _NoSamples:
 def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
     """KV waste of the workload's full lengths, served by the engine's scheduler and page pool with no model.
 
-    Which pages a request holds depends only on its token counts (EOS is ignored), so this gives the exact
-    waste of a long run in seconds, over more requests than the device could serve here."""
+    Which pages a request holds depends only on its token counts (no EOS before the end), so this gives the
+    exact waste of a long run in seconds, over more requests than the device could serve here."""
     config = engine.config
     pool = PagePool(engine.pool.num_pages, enable_prefix_caching=engine.pool.enable_prefix_caching)
     scheduler = Scheduler(
@@ -196,7 +197,7 @@ def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
         max_model_len=engine.max_model_len,
     )
     for i, (prompt, n) in enumerate(zip(workload.prompt_token_ids, workload.output_lens, strict=True)):
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0)
         scheduler.add_request(Request(f"replay-{i}", prompt, params))
     slots = stored = 0
     while scheduler.has_unfinished_requests:

@@ -192,6 +192,17 @@ def test_early_exit_from_a_stream_gives_the_pages_back(llm):
         ),
         ({"prompt": "word " * 300, "sampling_params": SamplingParams(n=3)}, "max_model_len"),
         (
+            {"prompt": "hi", "sampling_params": SamplingParams(stop_token_ids=[3, 10**6])},
+            r"stop_token_ids must be < the vocabulary size \d+, got 1000000",
+        ),
+        (
+            {
+                "prompt": "hi",
+                "sampling_params": SamplingParams(min_tokens=2, stop_token_ids=list(range(100, 116))),
+            },
+            r"stop_token_ids: with min_tokens > 0, at most 16 EOS and stop token ids .*got 17",
+        ),
+        (
             {"prompt": "hi", "sampling_params": SamplingParams(use_beam_search=True, temperature=0, n=11)},
             r"beam width \(best_of, else n\) must be <= max_logprobs / 2",
         ),

@@ -4,7 +4,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from dense_reference import assert_top_logprobs, dense_log_softmax
+from dense_reference import assert_top_logprobs, dense_log_softmax, dense_logits
 from jax.experimental.compilation_cache import compilation_cache
 
 from jaxpage.batch import build_step_inputs, step_size
@@ -54,9 +54,11 @@ def runner():
     return runner
 
 
-def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=None, keep_requests=False):
+def _serve(
+    runner, prompts, params, *, num_pages=None, budget=16, abort_after=None, keep_requests=False, eos=()
+):
     """Serves the prompts through a fresh scheduler on the runner; returns {id: output tokens} (or the
-    requests)."""
+    requests). `eos`: the EOS token ids of every request."""
     pool = PagePool(num_pages or runner.num_pages)
     scheduler = Scheduler(
         pool,
@@ -65,7 +67,9 @@ def _serve(runner, prompts, params, *, num_pages=None, budget=16, abort_after=No
         max_num_batched_tokens=budget,
         max_model_len=TINY.max_position_embeddings,
     )
-    requests = [Request(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    requests = [
+        Request(str(i), p, sp, frozenset(eos)) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
     pending = list(requests)
     steps = 0
     while pending or scheduler.has_unfinished_requests:
@@ -94,7 +98,8 @@ def _prompts(n, seed=0):
 
 
 def _params(n):
-    """Greedy, sampled, and (every third) penalised or min_p rows, so every sampler variant runs."""
+    """Greedy, sampled, and (every third) penalised or min_p and min_tokens rows, so every sampler variant
+    runs."""
     penalties = dict(repetition_penalty=1.4, presence_penalty=0.6, frequency_penalty=0.3)
     params = []
     for i in range(n):
@@ -102,7 +107,7 @@ def _params(n):
             extra = penalties if i % 3 == 0 else {}
             params.append(SamplingParams(max_tokens=12, temperature=0.0, **extra))
         else:
-            extra = penalties if i % 3 == 0 else dict(min_p=0.05)
+            extra = penalties if i % 3 == 0 else dict(min_p=0.05, min_tokens=4, stop_token_ids=[5, 6])
             params.append(
                 SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=i, **extra)
             )
@@ -130,6 +135,38 @@ def test_greedy_decode_equals_prefill_from_scratch(runner):
     for _ in range(8):
         text += _serve(runner, [text], [SamplingParams(max_tokens=1, temperature=0.0)])["0"]
     assert text[len(prompt) :] == decoded
+
+
+def _dense_greedy(runner, prompt, max_tokens, min_tokens, stops):
+    """Greedy tokens from dense passes: a token in `stops` is masked while fewer than min_tokens are out and
+    ends the output after that."""
+    out = []
+    while len(out) < max_tokens:
+        logits = dense_logits(TINY, runner.params, prompt + out)[-1].copy()
+        if len(out) < min_tokens:
+            logits[list(stops)] = -np.inf
+        out.append(int(np.argmax(logits)))
+        if len(out) >= min_tokens and out[-1] in stops:
+            break
+    return out
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_bans_eos_and_stop_token_ids_until_reached(runner, ignore_eos):
+    # The first two tokens of the free greedy output become the EOS and a stop token id: min_tokens must
+    # steer around them (vLLM's rule), except EOS under ignore_eos, which is drawn and does not stop.
+    prompt = _prompts(1, seed=9)[0]
+    free = _serve(runner, [prompt], [SamplingParams(max_tokens=8, temperature=0.0)])["0"]
+    eos, stop = free[0], free[1]
+    assert eos != stop
+    params = SamplingParams(
+        max_tokens=10, min_tokens=6, temperature=0.0, stop_token_ids=[stop], ignore_eos=ignore_eos
+    )
+    got = _serve(runner, [prompt], [params], eos=[eos])["0"]
+    banned = {stop} if ignore_eos else {eos, stop}
+    assert got == _dense_greedy(runner, prompt, 10, 6, banned)
+    assert not banned & set(got[:6])
+    assert (got[0] == eos) == ignore_eos
 
 
 def test_prompt_logprobs_of_a_chunked_preempted_prompt_equal_a_dense_pass(runner):

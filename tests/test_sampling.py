@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpage.batch import NO_TOKEN
 from jaxpage.sampling import (
     MAX_TOP_K,
     Penalties,
@@ -20,7 +21,19 @@ _sample = jax.jit(sample, static_argnames="num_top_logprobs")
 _greedy = jax.jit(greedy_sample, static_argnames="num_top_logprobs")
 
 
-def _rows(batch, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, positions=None) -> SamplingRows:
+def _banned(batch, banned=None):
+    """i32[B, S]: each row's banned ids (a list per row, padded with NO_TOKEN); none when `banned` is None."""
+    banned = banned or [[]] * batch
+    width = max(1, max(map(len, banned)))
+    table = np.full((batch, width), NO_TOKEN, np.int32)
+    for row, ids in enumerate(banned):
+        table[row, : len(ids)] = ids
+    return jnp.asarray(table)
+
+
+def _rows(
+    batch, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, positions=None, banned=None
+) -> SamplingRows:
     """Per-row parameters; each may be a scalar (every row) or a sequence (one per row)."""
     seeds = np.arange(batch) if seeds is None else seeds
     positions = np.zeros(batch) if positions is None else positions
@@ -32,6 +45,7 @@ def _rows(batch, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, pos
         full(min_p, np.float32),
         full(seeds, np.uint32),
         full(positions, np.int32),
+        _banned(batch, banned),
     )
 
 
@@ -72,10 +86,38 @@ def _chi_square_limit(dof):
 
 def test_greedy_sample_is_argmax_with_full_vocab_logprob():
     logits = _random_logits(6, 300)
-    out = _greedy(jnp.asarray(logits), num_top_logprobs=0)
+    out = _greedy(jnp.asarray(logits), _banned(6), num_top_logprobs=0)
     np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
     expected = _log_softmax(logits)[np.arange(6), logits.argmax(-1)]
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, rtol=1e-5)
+
+
+def test_banned_tokens_are_never_drawn_and_logprobs_stay_raw():
+    # Row 0 bans its two likeliest tokens, row 1 nothing, row 2 the token holding nearly all the mass, row 3
+    # ids past the vocabulary only (ignored).
+    logits = _random_logits(4, 300, seed=21)
+    logits[2, 7] = 50.0
+    order = np.argsort(-logits, axis=-1)
+    banned = [order[0, :2].tolist(), [], [7], [300, 10**6]]
+    allowed = logits.copy()
+    allowed[0, order[0, :2]] = -np.inf
+    allowed[2, 7] = -np.inf
+
+    greedy = _greedy(jnp.asarray(logits), _banned(4, banned), num_top_logprobs=0)
+    np.testing.assert_array_equal(np.asarray(greedy.token_ids), allowed.argmax(-1))
+    rows = np.arange(4)
+    raw = _log_softmax(logits)
+    np.testing.assert_allclose(np.asarray(greedy.logprobs), raw[rows, allowed.argmax(-1)], rtol=1e-5)
+
+    many = np.repeat(logits, 200, axis=0)  # 200 seeds per row
+    many_banned = [ids for ids in banned for _ in range(200)]
+    penalties = _penalties([[1, 2]] * len(many), [1] * len(many), 8, *[[1.0] * len(many)] * 3)
+    for extra in (None, penalties):
+        tokens, logprobs = _draw(many, extra, temperature=1.0, banned=many_banned)
+        for row, ids in enumerate(many_banned):
+            assert tokens[row] not in ids, (row, tokens[row])
+        np.testing.assert_allclose(logprobs, _log_softmax(many)[np.arange(len(many)), tokens], rtol=1e-5)
+        assert len(set(tokens[400:600].tolist())) > 1  # row 2 still samples what is left
 
 
 def test_temperature_zero_rows_are_argmax_among_sampled_rows():
@@ -352,7 +394,7 @@ def _assert_top_logprobs(out, logits, k):
 def test_top_logprobs_are_the_log_softmax_top_k_of_the_unmodified_logits(variant):
     logits = _random_logits(4, 300, seed=15)
     if variant == "greedy":
-        out = _greedy(jnp.asarray(logits), num_top_logprobs=NUM_TOP)
+        out = _greedy(jnp.asarray(logits), _banned(len(logits)), num_top_logprobs=NUM_TOP)
     else:
         penalties = None
         if variant == "penalised":
@@ -386,7 +428,7 @@ def test_no_sampler_variant_sorts_the_vocabulary():
         _penalties([[1, 2]] * batch, [1] * batch, 8, *[[1] * batch] * 3),
     )
     programs = [
-        _greedy.lower(logits, num_top_logprobs=NUM_TOP),
+        _greedy.lower(logits, rows.banned_token_ids, num_top_logprobs=NUM_TOP),
         _sample.lower(logits, rows, BASE_KEY, NUM_TOP, None),
         _sample.lower(logits, rows, BASE_KEY, NUM_TOP, penalties),
     ]
