@@ -80,6 +80,11 @@ class StepInputs(NamedTuple):
     def wants_prompt_logprobs(self) -> bool:
         return len(self.prompt_logprob_targets) > 0
 
+    @property
+    def decode_only(self) -> bool:
+        """Every row has at most one token (row b's at index b): the step can take the decode kernel."""
+        return bool(np.all(np.diff(self.cu_q_lens) <= 1))
+
 
 class BucketGrid:
     """Every (T, B, P) combination of the configured sizes in which each row can own a token (B <= T)."""
@@ -98,6 +103,11 @@ class BucketGrid:
     def buckets(self) -> list[Bucket]:
         sizes = itertools.product(self.token_buckets, self.seq_buckets, self.page_buckets)
         return [Bucket(t, b, p) for t, b, p in sizes if b <= t]
+
+    @property
+    def decode_buckets(self) -> list[Bucket]:
+        """The buckets `select` picks for steps of one token per row."""
+        return sorted({self.select(b, b, p) for b in self.seq_buckets for p in self.page_buckets})
 
     def select(self, num_tokens: int, num_rows: int, max_pages: int) -> Bucket:
         """The smallest bucket holding a step of this size. Raises ValueError if none does."""

@@ -4,7 +4,7 @@ import dataclasses
 import math
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas")
+_ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas", "pallas_interpret")
 _PREEMPTION_MODES = ("recompute", "swap")
 
 

@@ -1,10 +1,12 @@
 """Runs scheduled steps on the device: owns the parameters, the KV pool and one compiled program per bucket.
 
 Each bucket (T tokens, B rows, P pages per row) gets an ahead-of-time compiled forward pass with the KV pool
-donated, so XLA writes the new K/V into the pool's own buffers instead of copying the pool every step. A
-second forward variant computes the logits at all T tokens and the prompt logprobs from them; it runs only
-in steps where some request asks for prompt logprobs, and warm-up compiles it only when
-`EngineConfig.warmup_prompt_logprobs` is set (otherwise its first use compiles it, with a warning).
+donated, so XLA writes the new K/V into the pool's own buffers instead of copying the pool every step. Two
+more forward kinds exist: one computes the logits at all T tokens and the prompt logprobs from them; it runs
+only in steps where some request asks for prompt logprobs, and warm-up compiles it only when
+`EngineConfig.warmup_prompt_logprobs` is set (otherwise its first use compiles it, with a warning). The other,
+with the Pallas backends only, runs steps of one token per row through the decode kernel; warm-up compiles it
+for the buckets such steps select.
 Sampling is a separate, small program per row bucket, in three variants (all rows greedy: argmax only; any
 row sampling; any sampled row with penalties, per history width P * page_size), so the forward pass is
 compiled once per bucket rather than once per variant. Calling a compiled executable never recompiles: a
@@ -12,6 +14,7 @@ shape outside the compiled buckets is compiled on the spot with a warning.
 """
 
 import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -122,6 +125,11 @@ def _penalties(inputs: StepInputs) -> Penalties:
     )
 
 
+# Forward kinds: logits at the sampled rows; at every token (prompt logprobs); at the rows of a step of one
+# token per row, through the decode kernel.
+_ROWS, _ALL_LOGITS, _DECODE = "rows", "all_logits", "decode"
+
+
 class StepOutput(NamedTuple):
     sampled: SampledTokens  # numpy, every row of the bucket (padded rows included)
     prompt_logprobs: PromptLogprobs | None  # numpy, every token of the bucket; None unless the step asked
@@ -151,14 +159,17 @@ class Runner:
         self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len)
         self.kv_pool = llama.init_kv_pool(model_config, self.num_pages, self.page_size)
         self._base_key = jax.random.key(engine_config.seed)
+        # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
+        self.decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
         self._forward_jits = {
-            False: jax.jit(self._forward, donate_argnums=1),
-            True: jax.jit(self._forward_all_logits, donate_argnums=1),
+            _ROWS: jax.jit(self._forward, donate_argnums=1),
+            _ALL_LOGITS: jax.jit(self._forward_all_logits, donate_argnums=1),
+            _DECODE: jax.jit(functools.partial(self._forward, decode_only=True), donate_argnums=1),
         }
         self._sample_jit = jax.jit(sample, static_argnames="num_top_logprobs")
         self._greedy_jit = jax.jit(greedy_sample, static_argnames="num_top_logprobs")
-        # Keyed by (bucket, all-token logits) and by (rows, variant, history width, top logprobs).
-        self._forward_programs: dict[tuple[Bucket, bool], jax.stages.Compiled] = {}
+        # Keyed by (bucket, forward kind) and by (rows, variant, history width, top logprobs).
+        self._forward_programs: dict[tuple[Bucket, str], jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
 
     @property
@@ -170,7 +181,7 @@ class Runner:
 
     # ---- compilation ---------------------------------------------------------------------------------------
 
-    def _forward(self, params, kv_pool, step: dict, logits_indices=None):  # step: FORWARD_FIELDS arrays
+    def _forward(self, params, kv_pool, step: dict, logits_indices=None, decode_only=False):
         metadata = AttentionMetadata(
             step["slot_mapping"], step["cu_q_lens"], step["kv_lens"], step["page_table"]
         )
@@ -178,7 +189,7 @@ class Runner:
             logits_indices = step["logits_indices"]
         return llama.forward(
             params, self.model_config, step["token_ids"], step["positions"], kv_pool, metadata,
-            logits_indices, attention=self.attention_backend,
+            logits_indices, attention=self.attention_backend, decode_only=decode_only,
         )  # fmt: skip
 
     def _forward_all_logits(self, params, kv_pool, step: dict, targets):  # targets: i32[T]
@@ -189,12 +200,12 @@ class Runner:
         prompt = prompt_logprobs(logits, targets, self.num_top_logprobs)
         return (logits[step["logits_indices"]], prompt), kv_pool
 
-    def _compile_forward(self, bucket: Bucket, all_logits: bool) -> jax.stages.Compiled:
-        inputs = padding_inputs(bucket, prompt_logprobs=all_logits)
+    def _compile_forward(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
+        inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
         args = [_abstract(self.params), _abstract(self.kv_pool), _abstract(_forward_arrays(inputs))]
-        if all_logits:
+        if kind == _ALL_LOGITS:
             args.append(_abstract(inputs.prompt_logprob_targets))
-        return self._forward_jits[all_logits].lower(*args).compile()
+        return self._forward_jits[kind].lower(*args).compile()
 
     def _compile_sampler(
         self, num_rows: int, variant: str, history_width: int, k: int
@@ -209,11 +220,11 @@ class Runner:
         penalties = _abstract(_penalties(inputs)) if variant == _PENALISED else None
         return self._sample_jit.lower(logits, rows, self._base_key, k, penalties).compile()
 
-    def _forward_program(self, bucket: Bucket, all_logits: bool) -> jax.stages.Compiled:
-        program = self._forward_programs.get((bucket, all_logits))
+    def _forward_program(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
+        program = self._forward_programs.get((bucket, kind))
         if program is None:
-            logger.warning("compiling bucket %s (all-token logits: %s) outside warm-up", bucket, all_logits)
-            program = self._forward_programs[(bucket, all_logits)] = self._compile_forward(bucket, all_logits)
+            logger.warning("compiling bucket %s (forward kind %s) outside warm-up", bucket, kind)
+            program = self._forward_programs[(bucket, kind)] = self._compile_forward(bucket, kind)
         return program
 
     def _sample_program(self, inputs: StepInputs, variant: str, history_width: int) -> jax.stages.Compiled:
@@ -228,15 +239,20 @@ class Runner:
         self, buckets: list[Bucket] | None = None, num_threads: int | None = None
     ) -> dict[Bucket, float]:
         """Compiles the forward pass of every bucket (default: all of the grid; with
-        `warmup_prompt_logprobs` also its all-token-logits variant) and every sampler variant of every row
-        count, several at once in threads (XLA compiles outside the GIL).
+        `warmup_prompt_logprobs` also its all-token-logits kind; with the decode kernel, the decode kind of
+        the buckets decode steps select) and every sampler variant of every row count, several at once in
+        threads (XLA compiles outside the GIL).
 
         Returns:
           Wall seconds each bucket's forward pass took to compile (or to load from the persistent cache).
         """
         buckets = self.buckets if buckets is None else buckets
-        variants = (False, True) if self.engine_config.warmup_prompt_logprobs else (False,)
-        forwards = [(b, v) for b in buckets for v in variants if (b, v) not in self._forward_programs]
+        kinds = (_ROWS, _ALL_LOGITS) if self.engine_config.warmup_prompt_logprobs else (_ROWS,)
+        forwards = [(b, kind) for b in buckets for kind in kinds]
+        if self.decode_kernel:
+            decode_buckets = set(self.grid.decode_buckets)
+            forwards += [(b, _DECODE) for b in buckets if b in decode_buckets]
+        forwards = [key for key in forwards if key not in self._forward_programs]
         sampler_keys = set()
         for b in buckets:
             history_width = b.pages_per_row * self.page_size
@@ -249,7 +265,7 @@ class Runner:
         def timed_forward(key):
             start = time.perf_counter()
             program = self._compile_forward(*key)
-            if not key[1]:
+            if key[1] == _ROWS:
                 seconds[key[0]] = time.perf_counter() - start
             return key, program
 
@@ -274,7 +290,13 @@ class Runner:
         bucket = inputs.bucket
         assert bucket.pages_per_row in self.grid.page_buckets, bucket
         all_logits = inputs.wants_prompt_logprobs
-        forward = self._forward_program(bucket, all_logits)
+        if all_logits:
+            kind = _ALL_LOGITS
+        elif self.decode_kernel and inputs.decode_only:
+            kind = _DECODE
+        else:
+            kind = _ROWS
+        forward = self._forward_program(bucket, kind)
         args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs))]
         if all_logits:
             args.append(jax.device_put(inputs.prompt_logprob_targets))

@@ -7,6 +7,7 @@ pure-jnp oracle), "pallas" (the GPU kernels) and "pallas_interpret" (the kernels
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
 from pallas_kernels.kv_write import write_kv_reference
@@ -39,7 +40,11 @@ def paged_attention(
     metadata: AttentionMetadata,
     *,
     backend: str,
+    decode_only: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
+    """`decode_only` (static) promises that every row has at most one token, row b's at index b, as in a
+    decode step; the Pallas backends then run the decode kernel, which reads each row's pages once for all of
+    a KV head's query heads instead of the ragged kernel's per-token blocks."""
     check_backend(backend)
     k_pages, v_pages = kv_pages
     if backend in _JNP_ATTENTION:
@@ -54,6 +59,16 @@ def paged_attention(
 
     interpret = backend == "pallas_interpret"
     k_pages, v_pages = write_kv(k, v, k_pages, v_pages, metadata.slot_mapping, interpret=interpret)
+    if decode_only:
+        from pallas_kernels.paged_attention import paged_attention as decode_attention
+
+        num_rows = metadata.kv_lens.shape[0]
+        rows_out = decode_attention(
+            q[:num_rows], k_pages, v_pages, metadata.kv_lens, metadata.page_table, interpret=interpret
+        )
+        # Tokens past the rows are padding (the bucket may hold more tokens than rows): zeros, discarded.
+        out = jnp.zeros_like(q).at[:num_rows].set(rows_out)
+        return out, (k_pages, v_pages)
     out = ragged_paged_attention(
         q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens, interpret=interpret
     )

@@ -21,6 +21,7 @@ _init = nn.initializers.normal(0.02)
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
     attention: str
+    decode_only: bool = False  # see models.attention.paged_attention
 
     @nn.compact
     def __call__(self, x, positions, kv_pages, metadata: AttentionMetadata):
@@ -50,7 +51,9 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q.reshape(num_tokens, cfg.num_q_heads, hd), positions, inv_freq)
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, hd), positions, inv_freq)
         v = v.reshape(num_tokens, cfg.num_kv_heads, hd)
-        out, kv_pages = paged_attention(q, k, v, kv_pages, metadata, backend=self.attention)
+        out, kv_pages = paged_attention(
+            q, k, v, kv_pages, metadata, backend=self.attention, decode_only=self.decode_only
+        )
         x = x + out.reshape(num_tokens, q_width) @ param("wo", (q_width, d))
 
         h = rms_norm(x, param("mlp_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
@@ -62,6 +65,7 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module):
     cfg: ModelConfig
     attention: str = "reference"
+    decode_only: bool = False  # see models.attention.paged_attention
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool: KVPool, metadata: AttentionMetadata, logits_indices):
@@ -72,7 +76,7 @@ class Llama(nn.Module):
         new_pool = []
         # A Python loop, not a scan: each layer's pages stay separate donated buffers updated in place.
         for i in range(cfg.num_layers):
-            x, kv_pages = DecoderLayer(cfg, self.attention, name=f"layers_{i}")(
+            x, kv_pages = DecoderLayer(cfg, self.attention, self.decode_only, name=f"layers_{i}")(
                 x, positions, kv_pool[i], metadata
             )
             new_pool.append(kv_pages)
@@ -120,8 +124,9 @@ def forward(
     logits_indices: jax.Array,  # i32[N]
     *,
     attention: str = "reference",
+    decode_only: bool = False,  # every row has at most one token: see models.attention.paged_attention
 ) -> tuple[jax.Array, KVPool]:  # (f32[N, vocab], updated pool)
     check_backend(attention)
-    return Llama(cfg, attention).apply(
+    return Llama(cfg, attention, decode_only).apply(
         {"params": params}, token_ids, positions, kv_pool, metadata, logits_indices
     )

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from model_shapes import CONFIGS
 
 from models.attention import AttentionMetadata
-from models.config import ModelConfig
 from models.llama import forward, init_params
 
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON result is written.")
@@ -42,22 +42,6 @@ flags.DEFINE_integer("new_tokens", 32, "Greedy tokens generated per request.")
 flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 FLAGS = flags.FLAGS
 
-CONFIGS = {
-    # Llama-3-like attention (group 4, head_dim 128) at a width that runs in seconds.
-    "llama_gqa4_d128": ModelConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=8, num_q_heads=16,
-        num_kv_heads=4, head_dim=128, rope_theta=500000.0,
-    ),
-    # SmolLM2-135M's shapes (group 3, head_dim 64, tied embeddings), random weights.
-    "smollm2_shape": ModelConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_q_heads=9,
-        num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
-    ),
-    "tiny": ModelConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_q_heads=4, num_kv_heads=2,
-        head_dim=16,
-    ),
-}  # fmt: skip
 LOGIT_ATOL_F32 = 2e-3
 
 

@@ -127,6 +127,30 @@ def test_batching_chunking_and_preemption_change_no_tokens(runner):
     assert len({tuple(tokens) for tokens in alone.values()}) == len(alone)
 
 
+def test_decode_steps_take_the_decode_kernel_and_change_no_tokens():
+    # The Pallas kernels in their interpreter (they need head_dim >= 16): prefill steps go through the ragged
+    # kernel, steps of one token per row through the decode kernel; both must give the blocked path's tokens.
+    cfg = dataclasses.replace(TINY, head_dim=16)
+    params = jax.tree.map(lambda x: x * 10, init_params(cfg, jax.random.key(0)))
+    config = dataclasses.replace(
+        CONFIG, attention_backend="pallas_interpret", warmup_prompt_logprobs=False, page_buckets=(16,)
+    )
+    pallas = Runner(cfg, params, config)
+    blocked = Runner(cfg, params, dataclasses.replace(config, attention_backend="blocked"))
+    pallas.warmup()
+    assert {key for key in pallas._forward_programs if key[1] == "decode"} == {
+        (b, "decode") for b in pallas.grid.decode_buckets
+    }
+    kinds = []
+    pick = pallas._forward_program
+    pallas._forward_program = lambda bucket, kind: kinds.append(kind) or pick(bucket, kind)
+
+    prompts = _prompts(3, seed=11)
+    params = [SamplingParams(max_tokens=6, temperature=0.0)] * 3
+    assert _serve(pallas, prompts, params) == _serve(blocked, prompts, params)
+    assert kinds.count("decode") >= 5 and "rows" in kinds, kinds
+
+
 def test_greedy_decode_equals_prefill_from_scratch(runner):
     # Decoding reads K/V written by earlier steps; a fresh prefill of the whole text computes it all at once.
     prompt = _prompts(1, seed=3)[0]
@@ -207,7 +231,7 @@ def _count_compilations():
 
 
 def test_mixed_workload_compiles_nothing_after_warmup(runner):
-    assert set(runner._forward_programs) == {(b, v) for b in runner.buckets for v in (False, True)}
+    assert set(runner._forward_programs) == {(b, k) for b in runner.buckets for k in ("rows", "all_logits")}
     prompts, params = _prompts(10, seed=1), _params(10)
     params[1] = dataclasses.replace(params[1], logprobs=3, prompt_logprobs=2)
     params[4] = dataclasses.replace(params[4], prompt_logprobs=0)
@@ -226,7 +250,7 @@ def test_kv_pool_is_donated_and_updated_in_place(runner):
     _serve(runner, _prompts(2, seed=2), [SamplingParams(max_tokens=2, temperature=0.0)] * 2)
     assert [a.unsafe_buffer_pointer() for layer in runner.kv_pool for a in layer] == pointers
 
-    hlo = runner._forward_programs[(runner.buckets[-1], False)].as_text()
+    hlo = runner._forward_programs[(runner.buckets[-1], "rows")].as_text()
     header = next(line for line in hlo.splitlines() if "input_output_alias" in line)
     assert header.count("-alias)") == 2 * TINY.num_layers
     page_shape = f"f32[{TINY.num_kv_heads},{CONFIG.num_pages},{CONFIG.page_size},{TINY.head_dim}]"
