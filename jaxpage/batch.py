@@ -82,8 +82,10 @@ class StepInputs(NamedTuple):
 
     @property
     def decode_only(self) -> bool:
-        """Every row has at most one token (row b's at index b): the step can take the decode kernel."""
-        return bool(np.all(np.diff(self.cu_q_lens) <= 1))
+        """Row b's only token is token b (padded rows at the end own none): the step can take the decode
+        kernel."""
+        rows = np.arange(len(self.cu_q_lens))
+        return bool(np.array_equal(self.cu_q_lens, np.minimum(rows, self.cu_q_lens[-1])))
 
 
 class BucketGrid:
@@ -138,13 +140,12 @@ def request_seed(request) -> int:
 
 
 def banned_token_ids(request) -> list[int]:
-    """What the request may not draw next: as vLLM's min_tokens, its stop token ids and (unless it ignores
-    EOS) its EOS ids while it has fewer than min_tokens outputs."""
+    """What the request may not draw next: as vLLM's min_tokens, its EOS and stop token ids while it has
+    fewer than min_tokens outputs (EOS even under ignore_eos, which only keeps EOS from stopping it)."""
     params = request.sampling_params
     if request.num_output_tokens >= params.min_tokens:
         return []
-    eos = set() if params.ignore_eos else set(request.eos_token_ids)
-    return sorted(eos | set(params.stop_token_ids))
+    return sorted(request.eos_token_ids | set(params.stop_token_ids))
 
 
 def uses_penalties(params) -> bool:

@@ -200,12 +200,13 @@ class LLMEngine:
             if token_id >= vocab_size:
                 raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab_size}, got {token_id}")
         if params.min_tokens > 0:
-            eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+            eos = set(self.tokenizer.eos_token_ids)
             banned = eos | set(params.stop_token_ids)
             if len(banned) > MAX_BANNED_TOKENS:
                 raise ValueError(
                     f"stop_token_ids: with min_tokens > 0, at most {MAX_BANNED_TOKENS} EOS and stop token "
-                    f"ids can be held back, got {len(banned)} ({len(eos)} EOS + {params.stop_token_ids!r})"
+                    f"ids can be held back, got {len(banned)} ({len(eos)} EOS, "
+                    f"{len(params.stop_token_ids)} stop token ids)"
                 )
 
     def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:

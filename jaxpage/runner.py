@@ -160,7 +160,7 @@ class Runner:
         self.kv_pool = llama.init_kv_pool(model_config, self.num_pages, self.page_size)
         self._base_key = jax.random.key(engine_config.seed)
         # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
-        self.decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
+        self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
         self._forward_jits = {
             _ROWS: jax.jit(self._forward, donate_argnums=1),
             _ALL_LOGITS: jax.jit(self._forward_all_logits, donate_argnums=1),
@@ -244,12 +244,13 @@ class Runner:
         threads (XLA compiles outside the GIL).
 
         Returns:
-          Wall seconds each bucket's forward pass took to compile (or to load from the persistent cache).
+          Wall seconds each bucket's forward programs (every kind compiled) took to compile or to load from
+          the persistent cache.
         """
         buckets = self.buckets if buckets is None else buckets
         kinds = (_ROWS, _ALL_LOGITS) if self.engine_config.warmup_prompt_logprobs else (_ROWS,)
         forwards = [(b, kind) for b in buckets for kind in kinds]
-        if self.decode_kernel:
+        if self.uses_decode_kernel:
             decode_buckets = set(self.grid.decode_buckets)
             forwards += [(b, _DECODE) for b in buckets if b in decode_buckets]
         forwards = [key for key in forwards if key not in self._forward_programs]
@@ -265,15 +266,14 @@ class Runner:
         def timed_forward(key):
             start = time.perf_counter()
             program = self._compile_forward(*key)
-            if key[1] == _ROWS:
-                seconds[key[0]] = time.perf_counter() - start
-            return key, program
+            return key, program, time.perf_counter() - start
 
         workers = num_threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             samplers = {key: pool.submit(self._compile_sampler, *key) for key in sampler_keys}
-            for key, program in pool.map(timed_forward, forwards):
+            for key, program, elapsed in pool.map(timed_forward, forwards):
                 self._forward_programs[key] = program
+                seconds[key[0]] = seconds.get(key[0], 0.0) + elapsed
             for key, future in samplers.items():
                 self._sample_programs[key] = future.result()
         return seconds
@@ -292,7 +292,7 @@ class Runner:
         all_logits = inputs.wants_prompt_logprobs
         if all_logits:
             kind = _ALL_LOGITS
-        elif self.decode_kernel and inputs.decode_only:
+        elif self.uses_decode_kernel and inputs.decode_only:
             kind = _DECODE
         else:
             kind = _ROWS

@@ -15,7 +15,7 @@ exact where it matters. This costs a few elementwise passes over the logits, far
 per vocabulary entry (threefry for B x V values).
 
 Before all of that, a row's banned tokens (its EOS and stop token ids while it has fewer than `min_tokens`
-outputs, as vLLM's min_tokens) get logit -inf, so neither greedy nor sampled rows can draw them.
+outputs, as vLLM's min_tokens, whatever `ignore_eos`) get logit -inf, so no row can draw them.
 
 Logprobs (the chosen token's and the `num_top_logprobs` most likely) are always those of the unmodified
 logits, before bans, penalties, temperature and filters: what vLLM reports.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from jaxpage.batch import Bucket, BucketGrid, build_step_inputs, request_seed, step_size
+from jaxpage.batch import NO_TOKEN, Bucket, BucketGrid, build_step_inputs, request_seed, step_size
 from jaxpage.request import Request
 from jaxpage.sampling_params import SamplingParams
 from jaxpage.scheduler import ScheduledRequest, SchedulerOutput
@@ -72,6 +72,42 @@ def test_prefill_chunk_and_decode_rows_are_packed_back_to_back():
 def test_all_greedy_when_no_row_samples():
     rows = [(_request(str(i), [1, 2, 3], pages=[i + 1], temperature=0.0), 3) for i in range(3)]
     assert build_step_inputs(_step(*rows), Bucket(16, 4, 2), PAGE).all_greedy
+
+
+def test_decode_only_when_row_b_owns_exactly_token_b():
+    decoding = [(_request(str(i), [1, 2], pages=[i + 1], computed=2, output=[5]), 1) for i in range(3)]
+    assert build_step_inputs(_step(*decoding), Bucket(8, 4, 2), PAGE).decode_only  # padded row at the end
+    prefill = (_request("p", [1, 2, 3], pages=[9]), 3)
+    assert not build_step_inputs(_step(decoding[0], prefill), Bucket(8, 4, 2), PAGE).decode_only
+    # Row 0 empty, row 1 owning token 0: one token per row at most, yet not token b for row b.
+    x = build_step_inputs(_step(*decoding[:2]), Bucket(8, 4, 2), PAGE)
+    assert not x._replace(cu_q_lens=np.array([0, 0, 1, 2, 2], np.int32)).decode_only
+
+
+def test_bucket_grid_decode_buckets_are_what_decode_steps_select():
+    grid = BucketGrid((8, 32, 128), (4, 16, 64), (2, 8))
+    selected = {grid.select(n, n, p) for n in range(1, 65) for p in range(1, 9)}
+    assert set(grid.decode_buckets) == selected
+
+
+def test_min_tokens_bans_eos_and_stop_token_ids_of_sampling_rows_until_reached():
+    def row(output, **params):
+        request = Request("r", [1, 2], SamplingParams(max_tokens=9, **params), frozenset({0, 2}))
+        request.output_token_ids, request.num_computed_tokens, request.page_ids = output, 1 + len(output), [1]
+        return request, 1
+
+    x = build_step_inputs(
+        _step(
+            row([], min_tokens=2, stop_token_ids=[7]),  # no output yet: banned
+            row([4], min_tokens=2, stop_token_ids=[7], ignore_eos=True),  # one of two: EOS banned too
+            row([4, 4], min_tokens=2, stop_token_ids=[7]),  # reached: nothing
+            row([], stop_token_ids=[7]),  # no min_tokens: nothing
+        ),
+        Bucket(4, 4, 2),
+        PAGE,
+    )
+    banned = [sorted(set(ids) - {NO_TOKEN}) for ids in x.banned_token_ids.tolist()]
+    assert banned == [[0, 2, 7], [0, 2, 7], [], []]
 
 
 def test_unseeded_request_gets_a_seed_fixed_by_its_id():

@@ -131,13 +131,14 @@ def test_decode_steps_take_the_decode_kernel_and_change_no_tokens():
     # The Pallas kernels in their interpreter (they need head_dim >= 16): prefill steps go through the ragged
     # kernel, steps of one token per row through the decode kernel; both must give the blocked path's tokens.
     cfg = dataclasses.replace(TINY, head_dim=16)
-    params = jax.tree.map(lambda x: x * 10, init_params(cfg, jax.random.key(0)))
+    weights = jax.tree.map(lambda x: x * 10, init_params(cfg, jax.random.key(0)))
     config = dataclasses.replace(
         CONFIG, attention_backend="pallas_interpret", warmup_prompt_logprobs=False, page_buckets=(16,)
     )
-    pallas = Runner(cfg, params, config)
-    blocked = Runner(cfg, params, dataclasses.replace(config, attention_backend="blocked"))
+    pallas = Runner(cfg, weights, config)
+    blocked = Runner(cfg, weights, dataclasses.replace(config, attention_backend="blocked"))
     pallas.warmup()
+    compiled = set(pallas._forward_programs)
     assert {key for key in pallas._forward_programs if key[1] == "decode"} == {
         (b, "decode") for b in pallas.grid.decode_buckets
     }
@@ -149,6 +150,7 @@ def test_decode_steps_take_the_decode_kernel_and_change_no_tokens():
     params = [SamplingParams(max_tokens=6, temperature=0.0)] * 3
     assert _serve(pallas, prompts, params) == _serve(blocked, prompts, params)
     assert kinds.count("decode") >= 5 and "rows" in kinds, kinds
+    assert set(pallas._forward_programs) == compiled, "a step needed a program warm-up did not compile"
 
 
 def test_greedy_decode_equals_prefill_from_scratch(runner):
@@ -161,14 +163,14 @@ def test_greedy_decode_equals_prefill_from_scratch(runner):
     assert text[len(prompt) :] == decoded
 
 
-def _dense_greedy(runner, prompt, max_tokens, min_tokens, stops):
-    """Greedy tokens from dense passes: a token in `stops` is masked while fewer than min_tokens are out and
-    ends the output after that."""
+def _dense_greedy(runner, prompt, max_tokens, min_tokens, banned, stops):
+    """Greedy tokens from dense passes: `banned` ids are masked while fewer than min_tokens are out; a token
+    in `stops` ends the output after that."""
     out = []
     while len(out) < max_tokens:
         logits = dense_logits(TINY, runner.params, prompt + out)[-1].copy()
         if len(out) < min_tokens:
-            logits[list(stops)] = -np.inf
+            logits[list(banned)] = -np.inf
         out.append(int(np.argmax(logits)))
         if len(out) >= min_tokens and out[-1] in stops:
             break
@@ -178,7 +180,7 @@ def _dense_greedy(runner, prompt, max_tokens, min_tokens, stops):
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_min_tokens_bans_eos_and_stop_token_ids_until_reached(runner, ignore_eos):
     # The first two tokens of the free greedy output become the EOS and a stop token id: min_tokens must
-    # steer around them (vLLM's rule), except EOS under ignore_eos, which is drawn and does not stop.
+    # steer around both, also under ignore_eos (vLLM's rule), which only keeps EOS from stopping the output.
     prompt = _prompts(1, seed=9)[0]
     free = _serve(runner, [prompt], [SamplingParams(max_tokens=8, temperature=0.0)])["0"]
     eos, stop = free[0], free[1]
@@ -187,10 +189,9 @@ def test_min_tokens_bans_eos_and_stop_token_ids_until_reached(runner, ignore_eos
         max_tokens=10, min_tokens=6, temperature=0.0, stop_token_ids=[stop], ignore_eos=ignore_eos
     )
     got = _serve(runner, [prompt], [params], eos=[eos])["0"]
-    banned = {stop} if ignore_eos else {eos, stop}
-    assert got == _dense_greedy(runner, prompt, 10, 6, banned)
-    assert not banned & set(got[:6])
-    assert (got[0] == eos) == ignore_eos
+    stops = {stop} if ignore_eos else {eos, stop}
+    assert got == _dense_greedy(runner, prompt, 10, 6, {eos, stop}, stops)
+    assert not {eos, stop} & set(got[:6])
 
 
 def test_prompt_logprobs_of_a_chunked_preempted_prompt_equal_a_dense_pass(runner):
