@@ -262,15 +262,24 @@ class Runner:
                 sampler_keys.add((b.num_rows, _PENALISED, history_width, k))
         sampler_keys -= set(self._sample_programs)
         seconds: dict[Bucket, float] = {}
+        # JAX's config contexts are thread-local: a caller's `jax.default_matmul_precision(...)` would not
+        # reach the compile threads, whereas a program compiled on first use (this thread) would get it.
+        precision = jax.config.jax_default_matmul_precision
+
+        def in_callers_precision(compile_fn, *key):
+            with jax.default_matmul_precision(precision):
+                return compile_fn(*key)
 
         def timed_forward(key):
             start = time.perf_counter()
-            program = self._compile_forward(*key)
+            program = in_callers_precision(self._compile_forward, *key)
             return key, program, time.perf_counter() - start
 
         workers = num_threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            samplers = {key: pool.submit(self._compile_sampler, *key) for key in sampler_keys}
+            samplers = {
+                key: pool.submit(in_callers_precision, self._compile_sampler, *key) for key in sampler_keys
+            }
             for key, program, elapsed in pool.map(timed_forward, forwards):
                 self._forward_programs[key] = program
                 seconds[key[0]] = seconds.get(key[0], 0.0) + elapsed

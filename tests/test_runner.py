@@ -246,6 +246,16 @@ def test_mixed_workload_compiles_nothing_after_warmup(runner):
     assert counter.events
 
 
+def test_warmup_threads_compile_in_the_callers_matmul_precision():
+    # JAX's precision context is thread-local; warm-up compiles in threads and must carry it over.
+    local = Runner(TINY, init_params(TINY, jax.random.key(1)), CONFIG)
+    with jax.default_matmul_precision("highest"):
+        local.warmup(local.buckets[:1])
+    hlo = local._forward_programs[(local.buckets[0], "rows")].as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots and all("operand_precision={highest,highest}" in line for line in dots), dots[:2]
+
+
 def test_kv_pool_is_donated_and_updated_in_place(runner):
     pointers = [a.unsafe_buffer_pointer() for layer in runner.kv_pool for a in layer]
     _serve(runner, _prompts(2, seed=2), [SamplingParams(max_tokens=2, temperature=0.0)] * 2)
