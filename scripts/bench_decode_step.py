@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from device_timing import best_seconds, chained_loop
 from model_shapes import CONFIGS
 
 from models.attention import AttentionMetadata
@@ -49,23 +50,13 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 
 
 def hbm_bytes_per_s(gib: float, calls: int = 20) -> float:
-    """Read bandwidth of `jnp.sum` over a random float32 array of `gib` GiB: `calls` sums chained in one
-    jitted loop (the array passes through an optimization barrier each time, so XLA cannot hoist the sum),
-    best of 3. Timing single calls from the host would add their dispatch and sync: ~20% low on an H100."""
+    """Read bandwidth of `jnp.sum` over a random float32 array of `gib` GiB, as bench_kernels.py's hbm
+    section measures it: device time of chained calls. Timing single calls from the host would add their
+    dispatch and sync: ~20% low on an H100."""
     x = jax.random.normal(jax.random.key(0), (int(gib * 2**30) // 4,), jnp.float32)
-
-    def body(_, carry):
-        x, total = jax.lax.optimization_barrier(carry)
-        return x, total + jnp.sum(x)
-
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, calls, body, (x, jnp.float32(0)))[1])
-    loop(x).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        loop(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return calls * x.nbytes / best
+    first = jnp.zeros((), jnp.float32)
+    loop = jax.jit(chained_loop(jnp.sum, calls), donate_argnums=0).lower(first, (x,)).compile()
+    return x.nbytes / best_seconds(loop, first, (x,), calls, trials=3)
 
 
 def command_line() -> str:

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import sys
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from device_timing import best_seconds, chained_loop
 
 from pallas_kernels import tuning
 from pallas_kernels.kv_write import write_kv
@@ -121,30 +121,6 @@ def error_text(error: Exception) -> str:
     return f"error: {type(error).__name__}: {lines[0][:160]}"
 
 
-def best_seconds(exe, carry, consts, n: int, trials: int) -> float:
-    """Seconds per step of a compiled `(carry, consts) -> carry` loop of n steps, best of `trials` runs."""
-    carry = jax.block_until_ready(exe(carry, consts))  # warm-up: first-run allocations stay out
-    best = math.inf
-    for _ in range(trials):
-        start = time.perf_counter()
-        carry = jax.block_until_ready(exe(carry, consts))
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
-
-
-def _chained_loop(fn, n: int):
-    """n calls of fn inside one fori_loop, carrying fn's output. An optimization barrier ties each call's
-    arguments to the previous call's output, so XLA can neither hoist the call out of the loop nor merge
-    calls, at no cost on the device (no extra kernel per call); the args are loop arguments, not
-    closed-over constants that would be baked into the executable."""
-
-    def step(out, args):
-        _, args = jax.lax.optimization_barrier((out, args))
-        return fn(*args)
-
-    return lambda out, args: jax.lax.fori_loop(0, n, lambda _, out: step(out, args), out)
-
-
 def time_calls(calls: dict, estimate_s: float, opts: Options) -> dict:
     """{name: (fn, args)} -> {name: device seconds per call of fn(*args), or the error's first line}.
 
@@ -157,7 +133,7 @@ def time_calls(calls: dict, estimate_s: float, opts: Options) -> dict:
     def build(fn, args):
         out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
         out = jax.device_put(out, device)
-        return jax.jit(_chained_loop(fn, n), donate_argnums=0).lower(out, tuple(args)).compile(), out
+        return jax.jit(chained_loop(fn, n), donate_argnums=0).lower(out, tuple(args)).compile(), out
 
     with ThreadPoolExecutor(max(1, opts.compile_threads)) as pool:
         futures = {name: pool.submit(build, *call) for name, call in calls.items()}
