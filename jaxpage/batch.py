@@ -139,13 +139,17 @@ def request_seed(request) -> int:
     return seed if seed is not None else zlib.crc32(request.request_id.encode())
 
 
+def min_tokens_bans(eos_token_ids, params) -> list[int]:
+    """The ids vLLM's min_tokens holds back: EOS (even under ignore_eos, which only keeps EOS from stopping
+    a request) and the stop token ids."""
+    return sorted(set(eos_token_ids) | set(params.stop_token_ids))
+
+
 def banned_token_ids(request) -> list[int]:
-    """What the request may not draw next: as vLLM's min_tokens, its EOS and stop token ids while it has
-    fewer than min_tokens outputs (EOS even under ignore_eos, which only keeps EOS from stopping it)."""
-    params = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
+    """What the request may not draw next: `min_tokens_bans` while it has fewer than min_tokens outputs."""
+    if request.num_output_tokens >= request.sampling_params.min_tokens:
         return []
-    return sorted(request.eos_token_ids | set(params.stop_token_ids))
+    return min_tokens_bans(request.eos_token_ids, request.sampling_params)
 
 
 def uses_penalties(params) -> bool:

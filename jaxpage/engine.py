@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from jaxpage import page_copy
-from jaxpage.batch import MAX_BANNED_TOKENS, build_step_inputs, prompt_logprob_positions, step_size
+from jaxpage.batch import (
+    MAX_BANNED_TOKENS,
+    build_step_inputs,
+    min_tokens_bans,
+    prompt_logprob_positions,
+    step_size,
+)
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
 from jaxpage.metrics import EngineMetrics
@@ -200,12 +206,11 @@ class LLMEngine:
             if token_id >= vocab_size:
                 raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab_size}, got {token_id}")
         if params.min_tokens > 0:
-            eos = set(self.tokenizer.eos_token_ids)
-            banned = eos | set(params.stop_token_ids)
+            banned = min_tokens_bans(self.tokenizer.eos_token_ids, params)
             if len(banned) > MAX_BANNED_TOKENS:
                 raise ValueError(
                     f"stop_token_ids: with min_tokens > 0, at most {MAX_BANNED_TOKENS} EOS and stop token "
-                    f"ids can be held back, got {len(banned)} ({len(eos)} EOS, "
+                    f"ids can be held back, got {len(banned)} ({len(self.tokenizer.eos_token_ids)} EOS, "
                     f"{len(params.stop_token_ids)} stop token ids)"
                 )
 
