@@ -2,10 +2,22 @@
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas", "pallas_interpret")
 _PREEMPTION_MODES = ("recompute", "swap")
+
+
+def user_cache_dir() -> Path:
+    """Where jaxpage keeps what it can rebuild (compiled programs, converted weights): $JAXPAGE_CACHE_DIR,
+    else $XDG_CACHE_HOME/jaxpage, else ~/.cache/jaxpage. Read when an EngineConfig is built."""
+    if override := os.environ.get("JAXPAGE_CACHE_DIR"):
+        return Path(override).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG base directory spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "jaxpage"
 
 
 def _is_int(value) -> bool:
@@ -37,8 +49,11 @@ class EngineConfig:
     model: str | None = None  # GGUF file or safetensors directory; None = the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"  # parameters and activations
     page_size: int = 16  # tokens per KV page
-    num_pages: int | None = None  # KV pool size including the null page 0; wins over kv_cache_memory_fraction
+    num_pages: int | None = None  # KV pool size including the null page 0; wins over kv_cache_gib
     kv_cache_memory_fraction: float = 0.9  # of the device memory left free after loading the weights
+    # KV pool size in GiB; wins over kv_cache_memory_fraction, loses to num_pages. None: on GPU the fraction
+    # of the free device memory, on CPU min(the fraction of the available memory, 1 GiB).
+    kv_cache_gib: float | None = None
     max_num_seqs: int = 64  # requests running at once (rows of a step)
     max_num_batched_tokens: int = 512  # tokens run in one step, prefill and decode together
     max_model_len: int | None = None  # prompt + output tokens of one request; None = the model's context
@@ -46,8 +61,14 @@ class EngineConfig:
     seq_buckets: tuple[int, ...] = (4, 16, 64)
     page_buckets: tuple[int, ...] = (8, 32, 128, 512)  # pages per row of the page table
     attention_backend: str = "auto"  # "auto": pallas on GPU, the blocked pure-jnp attention elsewhere
-    compilation_cache_dir: str | None = ".cache/jax"  # JAX's persistent compilation cache; None = off
-    checkpoint_cache_dir: str | None = ".cache/checkpoints"  # converted weights; None = convert every time
+    # JAX's persistent compilation cache, and converted weights; None turns either off. The defaults lie under
+    # user_cache_dir(), never relative, so the working directory does not decide where caches are written.
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: str(user_cache_dir() / "jax")
+    )
+    checkpoint_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: str(user_cache_dir() / "checkpoints")
+    )
     seed: int = 0  # base of every request's sampling key, and of the seeds given to requests without one
     enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
     preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
@@ -77,6 +98,13 @@ class EngineConfig:
         if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 < fraction <= 1):
             raise ValueError(
                 f"engine config field kv_cache_memory_fraction must be in (0, 1], got {fraction!r}"
+            )
+        gib = self.kv_cache_gib
+        if gib is not None and not (
+            isinstance(gib, int | float) and not isinstance(gib, bool) and math.isfinite(gib) and gib > 0
+        ):
+            raise ValueError(
+                f"engine config field kv_cache_gib must be a positive number or None, got {gib!r}"
             )
         if self.max_model_len is not None and not (_is_int(self.max_model_len) and self.max_model_len >= 2):
             raise ValueError(

@@ -3,9 +3,11 @@
 A cache entry is a directory `<cache_dir>/<key>/` holding `params/` (an orbax checkpoint) and `manifest.json`
 (config, and every leaf's shape, dtype and CRC-32). Entries are built under a temporary name and renamed into
 place, so a crash never leaves a half-written entry under a real key; an entry whose manifest is missing or
-whose arrays do not match it is deleted and rebuilt, never used.
+whose arrays do not match it is deleted and rebuilt, never used. A temporary entry is never read: a failed
+save deletes its own, and one left by a killed process is deleted by a later start.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -24,6 +27,8 @@ from models.config import ModelConfig, RopeScaling
 
 _log = logging.getLogger(__name__)
 _CACHE_VERSION = 1  # bump when the param layout or the entry format changes: old entries are then never hit
+# A temporary entry untouched this long belongs to a killed save (a live one finishes in minutes).
+_STALE_TMP_SECONDS = 3600
 # Param kinds stored [in, out] (HF's `weight.T`); everything else keeps the source layout.
 LINEAR_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
 
@@ -120,11 +125,17 @@ def save_cached(cache_dir: str | Path, key: str, cfg: ModelConfig, params: dict)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    with _checkpointer() as ckptr:
-        ckptr.save(tmp / "params", nest(flat))
-    leaves = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "crc32": _crc32(v)} for k, v in flat.items()}
-    manifest = {"version": _CACHE_VERSION, "config": dataclasses.asdict(cfg), "leaves": leaves}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        with _checkpointer() as ckptr:
+            ckptr.save(tmp / "params", nest(flat))
+        leaves = {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype), "crc32": _crc32(v)} for k, v in flat.items()
+        }
+        manifest = {"version": _CACHE_VERSION, "config": dataclasses.asdict(cfg), "leaves": leaves}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except BaseException:  # a full disk or a Ctrl-C would otherwise leave a model-sized directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     entry = cache_dir / key
     if entry.exists():  # a corrupt entry, or another process finished the same key first
         shutil.rmtree(entry, ignore_errors=True)
@@ -163,9 +174,15 @@ def _restore_verified(entry: Path) -> tuple[ModelConfig, dict]:
 def restore_cached(cache_dir: str | Path, key: str) -> tuple[ModelConfig, dict] | None:
     """Returns (config, params as numpy) from the cache, or None on a miss.
 
-    A damaged entry (partial, unreadable, or not matching its checksums) is deleted and reported as a miss.
+    A damaged entry (partial, unreadable, or not matching its checksums) is deleted and reported as a miss;
+    temporary entries left by killed saves are deleted too.
     """
-    entry = Path(cache_dir).resolve() / key
+    cache_dir = Path(cache_dir).resolve()
+    for tmp in cache_dir.glob(".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):  # another start may remove it first
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+    entry = cache_dir / key
     if not entry.exists():
         return None
     try:

@@ -1,6 +1,13 @@
-"""Checks shared by every test that builds an `llm` fixture."""
+"""Checks shared by every test that builds an `llm` fixture, and a cache directory of the repo's own."""
+
+import os
+from pathlib import Path
 
 import pytest
+
+# Tests write their compiled programs and converted weights under the repo's ignored .cache/, not the user's
+# cache directory (a caller's own JAXPAGE_CACHE_DIR wins).
+os.environ.setdefault("JAXPAGE_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache"))
 
 
 @pytest.fixture(autouse=True)

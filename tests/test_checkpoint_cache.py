@@ -2,6 +2,11 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +141,61 @@ def test_leftover_temporary_entry_is_ignored(tmp_path, counting_loader):
     load_model(source, cache_dir=cache)
     load_model(source, cache_dir=cache)
     assert len(calls) == 1
+
+
+# Run in a child process: saves seed-99 params under the key, and SIGKILLs itself at the named point.
+_KILLED_SAVE = """
+import os, pathlib, signal, sys
+sys.path.insert(0, "tests")
+import test_checkpoint_cache as t
+from models import checkpoint
+
+cache, key, point = sys.argv[1:]
+die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if point == "before_manifest":  # the params are saved; the checksums come next
+    checkpoint._crc32 = die
+elif point == "mid_manifest":
+    write_text = pathlib.Path.write_text
+    pathlib.Path.write_text = lambda self, text: (write_text(self, text[: len(text) // 2]), die())
+elif point == "before_rename":
+    rename = os.rename
+    os.rename = lambda src, dst: die() if pathlib.Path(dst).name == key else rename(src, dst)
+checkpoint.save_cached(cache, key, t.CFG, t._params(t.CFG, seed=99))
+"""
+
+
+@pytest.mark.parametrize("point", ["before_manifest", "mid_manifest", "before_rename"])
+def test_save_killed_midway_is_never_used_and_the_next_load_rebuilds(tmp_path, counting_loader, point):
+    source, calls = counting_loader
+    cache = tmp_path / "cache"
+    key = checkpoint.source_key(source, "float32")
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(cache), key, point], cwd=repo)
+    assert killed.returncode == -signal.SIGKILL
+    assert any(cache.iterdir())  # it got as far as writing something
+    cfg, params = load_model(source, cache_dir=cache)
+    assert calls == ["float32"]  # converted, not read from what the killed save left
+    _assert_same(params, _params(cfg, seed=1))
+    _, again = load_model(source, cache_dir=cache)
+    assert len(calls) == 1
+    _assert_same(again, params)
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    def disk_full(array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_crc32", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_cached(tmp_path, "k", CFG, _params(CFG))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_entries_of_killed_saves_are_deleted_by_a_later_start(tmp_path):
+    stale, live = tmp_path / ".tmp-a-00000000", tmp_path / ".tmp-b-11111111"
+    for tmp in (stale, live):
+        (tmp / "params").mkdir(parents=True)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    assert checkpoint.restore_cached(tmp_path, "k") is None
+    assert not stale.exists() and live.exists()  # a save still running is left alone

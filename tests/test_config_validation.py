@@ -60,7 +60,7 @@ def test_bad_sampling_param_names_field_and_value(field, value):
 
 
 def test_best_of_below_n_is_refused():
-    with pytest.raises(ValueError, match=r"^best_of .* >= n \(3\), got 2"):
+    with pytest.raises(ValueError, match=r"^best_of must be None or an int in \[n \(3\), 1024\], got 2"):
         SamplingParams(n=3, best_of=2)
     assert SamplingParams(n=2, best_of=4).num_samples == 4 and SamplingParams(n=3).num_samples == 3
 
@@ -87,6 +87,13 @@ def test_sampling_params_accept_convenient_spellings():
         ({"num_pages": 1}, "num_pages"),
         ({"kv_cache_memory_fraction": 0.0}, "kv_cache_memory_fraction"),
         ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+        ({"kv_cache_gib": 0}, r"kv_cache_gib .*, got 0$"),
+        ({"kv_cache_gib": -2.0}, r"kv_cache_gib .*, got -2.0$"),
+        ({"kv_cache_gib": math.inf}, r"kv_cache_gib .*, got inf$"),
+        ({"kv_cache_gib": True}, r"kv_cache_gib .*, got True$"),
+        ({"kv_cache_gib": "4"}, r"kv_cache_gib .*, got '4'$"),
+        ({"compilation_cache_dir": ""}, "compilation_cache_dir"),
+        ({"checkpoint_cache_dir": 3}, "checkpoint_cache_dir"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"max_model_len": 1}, "max_model_len"),
         ({"token_buckets": (64, 16)}, "token_buckets"),
