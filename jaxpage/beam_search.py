@@ -202,7 +202,8 @@ class BeamSearch:
 
 
 class BeamGroup:
-    """One beam-search request served by a `Scheduler`: live beam k runs as request `"{request_id}#beam{k}"`.
+    """One beam-search request served by a `Scheduler`: live beam k runs as request `"{key}#beam{k}"`, where
+    `key` (default: the request id) is the engine's internal name of the request.
 
     After each step, `update` takes a beam's candidates; the beam is held until the rest of the group has
     theirs, then the round is applied: every beam that goes on replaces its pending token with its chosen one,
@@ -217,8 +218,10 @@ class BeamGroup:
         beam_params: BeamSearchParams,
         *,
         extra_key=None,
+        key: str | None = None,
     ):
         self.request_id = request_id
+        self.key = request_id if key is None else key
         self.search = BeamSearch(beam_params)
         # The group, not the scheduler, ends hypotheses: a beam whose likeliest token is EOS may still go on
         # with another token. The scheduler's max_tokens stop agrees with the group's last round.
@@ -282,4 +285,4 @@ class BeamGroup:
         return ended
 
     def _request_id(self, beam: int) -> str:
-        return f"{self.request_id}#beam{beam}"
+        return f"{self.key}#beam{beam}"

@@ -3,10 +3,16 @@
 Each `step` schedules (host), packs a padded batch, runs one jit-compiled step with the KV pool donated,
 samples on the device, then advances requests, detokenizes incrementally and applies stop strings. A bad
 request is refused by `add_request` with a ValueError and leaves nothing behind; it never fails the engine.
+A request whose step yields non-finite logits (a numerical fault of the model) finishes alone with
+finish reason "error" and its `RequestOutput.error` set; the other requests go on.
+
+Threads: `add_request` and `abort` may be called from any thread while one thread drives `step` (or
+`stream`); they wait for a step in progress to end. Steps from several threads run one at a time.
 """
 
 import dataclasses
 import itertools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,14 +29,21 @@ from jaxpage.batch import (
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
 from jaxpage.metrics import EngineMetrics
-from jaxpage.outputs import RequestOutput, SampleGroup, TextState, beam_search_output, top_dict
+from jaxpage.outputs import (
+    RequestOutput,
+    SampleGroup,
+    TextState,
+    aborted_beam_search_output,
+    beam_search_output,
+    top_dict,
+)
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 from jaxpage.runner import Runner, StepOutput, kv_bytes_per_page
 from jaxpage.sampling import MAX_TOP_K
 from jaxpage.sampling_params import SamplingParams, sample_seed
 from jaxpage.scheduler import Scheduler
-from jaxpage.tokenizer import Tokenizer
+from jaxpage.tokenizer import Tokenizer, check_text
 from models.config import ModelConfig
 from models.default_model import default_model_path
 from models.llama import init_params
@@ -90,7 +103,7 @@ class LLMEngine:
                 f"({model_config.max_position_embeddings})"
             )
         config.check_page_buckets(self.max_model_len)
-        self.runner = Runner(model_config, params, config)
+        self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size)
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
         if config.preemption_mode == "swap":
@@ -112,8 +125,17 @@ class LLMEngine:
         self._beams: dict[str, BeamGroup] = {}  # beam-search requests, by request id
         self._beam_of: dict[str, BeamGroup] = {}  # by the request id of a live beam
         self._swapped: dict[str, np.ndarray] = {}  # host copies of swapped-out pages, by sample request id
-        self._ids = itertools.count()
+        self._ids = itertools.count()  # user-facing ids of requests added without one
+        # Scheduler-side names: every request runs as "{serial}" (its samples "{serial}#i", its beams
+        # "{serial}#beamk"), so no id a caller chooses can collide with another request's internal ones.
+        self._serials = itertools.count()
         self._num_steps = 0
+        self._peak_used_pages = 0
+        # What the next step reports besides its own rows: final outputs of aborted beam searches, and the
+        # sample groups with an aborted sample.
+        self._ready: list[RequestOutput] = []
+        self._pending_groups: dict[str, SampleGroup] = {}
+        self._lock = threading.RLock()  # add_request / abort from other threads while one thread steps
 
     # ---- requests ------------------------------------------------------------------------------------------
 
@@ -132,17 +154,35 @@ class LLMEngine:
         Raises:
           ValueError naming the field, when the request cannot be served; the engine is then unchanged.
         """
+        if request_id is not None:
+            check_text("request_id", request_id)
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams or None, got {type(sampling_params).__name__} "
+                f"{sampling_params!r}; build one with SamplingParams(**fields)"
+            )
         prompt_token_ids = self.encode_prompt(prompt, messages)
         params = sampling_params if sampling_params is not None else SamplingParams()
         self._check_supported(params)
-        if request_id is None:
-            request_id = f"request-{next(self._ids)}"
-        if request_id in self._groups or request_id in self._beams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        eos = frozenset(self.tokenizer.eos_token_ids)
-        if params.use_beam_search:
-            self._add_beam_search(request_id, prompt_token_ids, params, eos)
-            return request_id
+        with self._lock:
+            if request_id is None:
+                request_id = next(i for i in (f"request-{n}" for n in self._ids) if not self._in_use(i))
+            if self._in_use(request_id):
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            key = str(next(self._serials))
+            eos = frozenset(self.tokenizer.eos_token_ids)
+            if params.use_beam_search:
+                self._add_beam_search(request_id, key, prompt_token_ids, params, eos)
+            else:
+                self._add_samples(request_id, key, prompt_token_ids, params, eos)
+        return request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        return request_id in self._groups or request_id in self._beams
+
+    def _add_samples(
+        self, request_id: str, key: str, prompt_token_ids: list[int], params: SamplingParams, eos
+    ) -> None:
         num_samples = params.num_samples
         samples = []
         for index in range(num_samples):
@@ -153,7 +193,7 @@ class LLMEngine:
                 sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
             if params.seed is not None:
                 sample_params = dataclasses.replace(sample_params, seed=sample_seed(params.seed, index))
-            sample_id = request_id if num_samples == 1 else f"{request_id}#{index}"
+            sample_id = key if num_samples == 1 else f"{key}#{index}"
             fork_source = samples[0] if samples else None
             samples.append(Request(sample_id, prompt_token_ids, sample_params, eos, fork_source=fork_source))
         try:
@@ -174,17 +214,16 @@ class LLMEngine:
         group = self._groups[request_id] = SampleGroup(request_id, params, samples)
         for sample in samples:
             self._group_of[sample.request_id] = group
-        return request_id
 
     def _add_beam_search(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, eos: frozenset[int]
+        self, request_id: str, key: str, prompt_token_ids: list[int], params: SamplingParams, eos
     ) -> None:
         # max(1, ...): a prompt that leaves no room is refused by the scheduler with its own message.
         room = max(1, self.max_model_len - len(prompt_token_ids))
         beam_params = beam_search_params(
             params, eos, max_logprobs=self.config.max_logprobs, max_new_tokens=room
         )
-        group = BeamGroup(request_id, prompt_token_ids, params, beam_params)
+        group = BeamGroup(request_id, prompt_token_ids, params, beam_params, key=key)
         self.scheduler.add_request(group.first_request)
         if params.prompt_logprobs is not None:
             group.first_request.page_keys = []  # no prefix-cache hit: see add_request
@@ -201,7 +240,7 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
                 raise ValueError(f"{name} must be <= max_logprobs ({self.config.max_logprobs}), got {value}")
-        vocab_size = self.model_config.vocab_size
+        vocab_size = self.tokenizer.vocab_size
         for token_id in params.stop_token_ids:
             if token_id >= vocab_size:
                 raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab_size}, got {token_id}")
@@ -215,7 +254,8 @@ class LLMEngine:
                 )
 
     def encode_prompt(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
-        """Prompt token ids of a text prompt, token ids, or chat messages; ValueError for an unusable one."""
+        """Prompt token ids of a text prompt, token ids (a list, tuple or 1-D integer array), or chat
+        messages; ValueError for an unusable one."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt and messages")
         if messages is not None:
@@ -223,34 +263,77 @@ class LLMEngine:
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must be a non-empty string, got ''")
+            check_text("prompt", prompt)
             token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list):
-            vocab = self.model_config.vocab_size
-            if not (prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt)):
-                raise ValueError(
-                    f"prompt token ids must be a non-empty list of ints in [0, {vocab}), got {prompt!r}"
-                )
-            token_ids = list(prompt)
+        elif isinstance(prompt, list | tuple | np.ndarray):
+            token_ids = self._check_token_ids(prompt)
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {prompt!r}")
+            raise ValueError(
+                f"prompt must be a str or a list of token ids, got {type(prompt).__name__} {prompt!r}"
+            )
         if not token_ids:
             raise ValueError(f"prompt encodes to no tokens: {prompt!r}")
         return token_ids
 
-    def abort(self, request_id: str) -> None:
-        """Drops a request (all its samples), queued, running or swapped; its pages and swap space are free on
-        return. Unknown ids are ignored."""
-        beams = self._beams.pop(request_id, None)
-        if beams is not None:
-            for beam_id in beams.abort(self.scheduler):
-                self._forget_beam(beam_id)
-            return
-        group = self._groups.get(request_id)
-        if group is None:
-            return
-        for sample in group.samples:
-            self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED)
-        self._forget(group)
+    def _check_token_ids(self, prompt) -> list[int]:
+        # Ids the tokenizer does not know would index rows that only pad the embedding table.
+        vocab = self.tokenizer.vocab_size
+        expected = f"prompt token ids must be a non-empty list of ints in [0, {vocab})"
+        is_array = isinstance(prompt, np.ndarray)
+        if is_array and not (prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer)):
+            raise ValueError(f"{expected}, got an array of shape {prompt.shape} and dtype {prompt.dtype}")
+        if len(prompt) == 0:
+            raise ValueError(f"{expected}, got an empty list")
+        for index, token in enumerate(prompt):
+            # bool is an int in Python; True as a token id is a mistake, not token 1.
+            if isinstance(token, bool | np.bool_) or not isinstance(token, int | np.integer):
+                raise ValueError(f"{expected}, got {type(token).__name__} {token!r} at index {index}")
+            if not 0 <= token < vocab:
+                raise ValueError(f"{expected}, got {int(token)} at index {index}")
+        return [int(token) for token in prompt]
+
+    def abort(self, request_id: str, index: int | None = None, *, report: bool = True) -> bool:
+        """Drops a request (all its samples, or only sample `index` of an `n > 1` request), queued, running
+        or swapped; its pages and swap space are free on return, and (unless `report` is False, for a caller
+        that is gone) the next `step` returns its final output with finish reason "abort". Ids not in flight
+        (unknown, or finished already: a caller may race a natural finish) are ignored.
+
+        Returns:
+          Whether anything was aborted.
+        """
+        with self._lock:
+            beams = self._beams.get(request_id)
+            if beams is not None and index is None:
+                del self._beams[request_id]
+                output = aborted_beam_search_output(beams, self._live_beams(beams), self.tokenizer)
+                for beam_id in beams.abort(self.scheduler):
+                    self._forget_beam(beam_id)
+                if report:
+                    self._ready.append(output)
+                return True
+            group = self._groups.get(request_id)
+            if group is None:
+                return False
+            if index is not None and not (_is_index(index) and 0 <= index < len(group.samples)):
+                raise ValueError(
+                    f"index must be None or an int in [0, {len(group.samples)}) for request {request_id!r}, "
+                    f"got {index!r}"
+                )
+            samples = group.samples if index is None else [group.samples[index]]
+            status = RequestStatus.FINISHED_ABORTED
+            aborted = [s for s in samples if self.scheduler.finish_request(s.request_id, status)]
+            if not aborted:
+                return False
+            for sample in aborted:
+                self._text[sample.request_id].update(sample.output_token_ids, True, False)
+            if report:
+                self._pending_groups[group.request_id] = group
+            elif all(sample.is_finished for sample in group.samples):
+                self._forget(group)
+            return True
+
+    def _live_beams(self, beams: BeamGroup) -> list[Request]:
+        return [self.scheduler.requests[i] for i in beams.request_ids if i in self.scheduler.requests]
 
     def _forget(self, group: "SampleGroup") -> None:
         del self._groups[group.request_id]
@@ -268,6 +351,7 @@ class LLMEngine:
         return EngineMetrics(
             num_steps=self._num_steps,
             kv_usage=self.pool.num_used_pages / self.pool.num_usable_pages,
+            peak_kv_usage=self._peak_used_pages / self.pool.num_usable_pages,
             num_cached_pages=self.pool.num_cached_pages,
             prefix_query_tokens=scheduler.num_prefix_query_tokens,
             prefix_hit_tokens=scheduler.num_prefix_hit_tokens,
@@ -283,27 +367,36 @@ class LLMEngine:
         self.runner.warmup()
 
     def has_unfinished_requests(self) -> bool:
+        """Whether a request is queued or running (an aborted one's final output may still be due)."""
         return self.scheduler.has_unfinished_requests
 
     # ---- stepping ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that got a token, finished or not."""
+        """Runs one scheduled step; returns an output for every request that got a token, finished or not,
+        and the final outputs of requests aborted or failed since the last step."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        ready, self._ready = self._ready, []
+        outputs, self._pending_groups = self._pending_groups, {}
         scheduled = self.scheduler.schedule()
+        self._peak_used_pages = max(self._peak_used_pages, self.pool.num_used_pages)
         if scheduled.is_empty:
             assert not self.scheduler.has_unfinished_requests, (
                 "requests are waiting but none could be scheduled"
             )
-            return []
+            return ready + self._group_outputs(outputs)
         self._move_pages(scheduled)
         bucket = self.runner.bucket_for(*step_size(scheduled))
         inputs = build_step_inputs(scheduled, bucket, self.config.page_size)
         result = self.runner.step(inputs)
         self._num_steps += 1
+        ready += self._fail_broken_rows(scheduled, result.sampled, outputs)
         if result.prompt_logprobs is not None:
             record_prompt_logprobs(scheduled, inputs.cu_q_lens, result)
         rows = {item.request.request_id: row for row, item in enumerate(scheduled.scheduled)}
-        outputs = {}
         beam_outputs = []
         for sample in self.scheduler.update_from_output(scheduled, result.sampled):
             row = rows[sample.request_id]
@@ -326,15 +419,59 @@ class LLMEngine:
             group = self._group_of[sample.request_id]
             self._update_text(sample)
             outputs[group.request_id] = group
+        return ready + self._group_outputs(outputs) + beam_outputs
+
+    def _group_outputs(self, groups: dict[str, SampleGroup]) -> list[RequestOutput]:
         results = []
-        for group in outputs.values():
+        for group in groups.values():
             output = group.output(self._text)
             if output is None:
                 continue
             if output.finished:
                 self._forget(group)
             results.append(output)
-        return results + beam_outputs
+        return results
+
+    def _fail_broken_rows(self, scheduled, sampled, outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
+        """Ends, with finish reason "error", every request whose row got non-finite logits (its sampled
+        logprob is NaN or inf) or an id outside the tokenizer's vocabulary: a numerical fault of the model
+        fails that request, never the engine. All samples (or beams) of such a request end with it.
+
+        Returns:
+          The final outputs of failed beam searches (failed sample groups are added to `outputs`).
+        """
+        num_rows = len(scheduled.scheduled)
+        token_ids = sampled.token_ids[:num_rows]
+        broken = ~np.isfinite(sampled.logprobs[:num_rows]) | (token_ids < 0)
+        broken |= token_ids >= self.tokenizer.vocab_size
+        failed_beams = []
+        for row in np.flatnonzero(broken):
+            request = scheduled.scheduled[row].request
+            if request.is_finished:
+                continue
+            position = request.num_computed_tokens + scheduled.scheduled[row].num_new_tokens - 1
+            if np.isfinite(sampled.logprobs[row]):
+                error = f"the model sampled token id {int(token_ids[row])}, outside the vocabulary"
+            else:
+                error = "the model produced non-finite logits (NaN or inf)"
+            error += f" at position {position}"
+            beams = self._beam_of.get(request.request_id)
+            if beams is not None:
+                del self._beams[beams.request_id]
+                output = aborted_beam_search_output(beams, self._live_beams(beams), self.tokenizer, error)
+                for beam_id in beams.request_ids:
+                    self.scheduler.fail_request(beam_id)
+                for beam_id in beams.abort(self.scheduler):
+                    self._forget_beam(beam_id)
+                failed_beams.append(output)
+                continue
+            group = self._group_of[request.request_id]
+            for sample in group.samples:
+                if self.scheduler.fail_request(sample.request_id) is not None:
+                    self._text[sample.request_id].update(sample.output_token_ids, True, False)
+            group.error = error
+            outputs[group.request_id] = group
+        return failed_beams
 
     def _advance_beams(self, beams: BeamGroup, request: Request, sampled, row: int) -> bool:
         """Gives a beam's candidates to its group; True once the group's search is over."""
@@ -362,7 +499,7 @@ class LLMEngine:
     def stream(self) -> Iterator[RequestOutput]:
         """Steps until no request is left, yielding outputs as they come; requests may be added or aborted
         between items, and the loop picks them up."""
-        while self.scheduler.has_unfinished_requests:
+        while self.scheduler.has_unfinished_requests or self._ready or self._pending_groups:
             yield from self.step()
 
     def _update_text(self, request: Request) -> None:
@@ -373,6 +510,10 @@ class LLMEngine:
                 request.status = RequestStatus.FINISHED_STOPPED
             else:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def record_prompt_logprobs(scheduled, cu_q_lens: np.ndarray, result: StepOutput) -> None:

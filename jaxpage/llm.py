@@ -1,6 +1,15 @@
-"""`LLM`: generate for a list of prompts or conversations in one call, batched by the engine."""
+"""`LLM`: generate for a list of prompts or conversations in one call, batched by the engine.
 
+Calls may interleave (a `generate` while a `generate_stream` is half consumed, or from several threads): the
+engine's outputs are sorted into one mailbox per request, so each call sees only its own requests' outputs,
+whichever call's step produced them.
+"""
+
+import collections
+import threading
 from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from jaxpage.config import EngineConfig
 from jaxpage.engine import LLMEngine, RequestOutput
@@ -10,15 +19,31 @@ from models.config import ModelConfig
 Prompt = str | list[int] | list[dict]  # text, token ids, or one conversation of {role, content} messages
 
 
+_EXPECTED = (
+    "prompts must be one prompt or a non-empty list of them, where a prompt is a str, a list of token ids "
+    "(ints) or a conversation (a list of {role, content} dicts)"
+)
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
-    # A bare string, token list or conversation is one prompt; a list of them is many.
+    # A bare string, token list (or 1-D integer array) or conversation is one prompt; a list of them is many.
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, list) and prompts and isinstance(prompts[0], dict | int):
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
         return [prompts]
-    if isinstance(prompts, Sequence) and prompts:
-        return list(prompts)
-    raise ValueError(f"prompts must be a prompt or a non-empty list of them, got {prompts!r}")
+    if not isinstance(prompts, list | tuple) or not prompts:
+        raise ValueError(f"{_EXPECTED}; got {type(prompts).__name__} {prompts!r:.200}")
+    # bool counts as an int here so that the engine names the bool it refuses as a token id.
+    if all(isinstance(p, int | np.integer) for p in prompts) or all(isinstance(p, dict) for p in prompts):
+        return [prompts]
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str | list | tuple | np.ndarray):
+            raise ValueError(f"{_EXPECTED}; prompt {index} is {type(prompt).__name__} {prompt!r:.200}")
+    return list(prompts)
+
+
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, list | tuple) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
 class LLM:
@@ -44,6 +69,9 @@ class LLM:
             random_model=random_model,
             random_weight_scale=random_weight_scale,
         )
+        # Outputs not yet taken by the call that added their request, by request id.
+        self._mailboxes: dict[str, collections.deque[RequestOutput]] = {}
+        self._lock = threading.Lock()  # guards the mailboxes; the engine has its own lock
 
     @classmethod
     def from_gin(cls, gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> "LLM":
@@ -89,36 +117,78 @@ class LLM:
         pending = set(request_ids)
         try:
             while pending:
-                for output in self.engine.step():
+                for output in self._next_outputs(pending):
                     if output.finished:
                         pending.discard(output.request_id)
                     yield output
         finally:
+            with self._lock:
+                for request_id in request_ids:
+                    self._mailboxes.pop(request_id, None)
             for request_id in pending:  # the caller stopped early: give the pages back
-                self.engine.abort(request_id)
+                self.engine.abort(request_id, report=False)
+
+    def _next_outputs(self, pending: set[str]) -> list[RequestOutput]:
+        """Outputs of `pending` requests: those another call's steps left in their mailboxes, else those of
+        one more step."""
+        mine = self._take(pending)
+        if mine:
+            return mine
+        outputs = self.engine.step()
+        with self._lock:
+            for output in outputs:
+                mailbox = self._mailboxes.get(output.request_id)
+                if mailbox is not None:  # None: a request added to the engine directly, not through LLM
+                    mailbox.append(output)
+        mine = self._take(pending)
+        if not (mine or outputs or self.engine.has_unfinished_requests()):
+            # Nothing runs and nothing came: the requests are gone (aborted through the engine without an
+            # output reaching us). Looping would spin forever.
+            raise RuntimeError(f"requests {sorted(pending)} are no longer in the engine")
+        return mine
+
+    def _take(self, request_ids: set[str]) -> list[RequestOutput]:
+        with self._lock:
+            taken = []
+            for request_id in request_ids:
+                mailbox = self._mailboxes[request_id]
+                taken.extend(mailbox)
+                mailbox.clear()
+            return taken
 
     def _add(self, prompts, sampling_params) -> list[str]:
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
-        else:
+        elif isinstance(sampling_params, list | tuple):
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts"
                 )
+        else:
+            raise ValueError(
+                "sampling_params must be a SamplingParams, a list of them (one per prompt) or None, got "
+                f"{type(sampling_params).__name__} {sampling_params!r:.200}"
+            )
         request_ids = []
         try:
             for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 try:
-                    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-                        request_ids.append(self.engine.add_request(messages=prompt, sampling_params=params))
+                    if _is_conversation(prompt):
+                        request_id = self.engine.add_request(messages=list(prompt), sampling_params=params)
                     else:
-                        request_ids.append(self.engine.add_request(prompt, params))
+                        request_id = self.engine.add_request(prompt, params)
                 except ValueError as error:
                     raise ValueError(f"prompt {index}: {error}") from error
-        except ValueError:
+                with self._lock:
+                    self._mailboxes[request_id] = collections.deque()
+                request_ids.append(request_id)
+        except BaseException:  # a refused prompt, or an interrupt: none of this call's requests stays queued
             for request_id in request_ids:
-                self.engine.abort(request_id)
+                self.engine.abort(request_id, report=False)
+            with self._lock:
+                for request_id in request_ids:
+                    self._mailboxes.pop(request_id, None)
             raise
         return request_ids

@@ -45,6 +45,7 @@ class EngineMetrics:
 
     num_steps: int
     kv_usage: float  # fraction of the usable pages held by requests now
+    peak_kv_usage: float  # the most of it any step has used
     num_cached_pages: int  # pages holding a prefix-cache entry (held or free but revivable)
     prefix_query_tokens: int  # prompt tokens of admitted requests
     prefix_hit_tokens: int  # of those, taken from the prefix cache or a sibling sample
@@ -61,7 +62,8 @@ class EngineMetrics:
     def summary(self) -> str:
         """One line for a log or the end of a CLI run."""
         return (
-            f"steps {self.num_steps}, KV usage {self.kv_usage:.1%}, prefix-cache hit rate "
+            f"steps {self.num_steps}, peak KV usage {self.peak_kv_usage:.1%} (now {self.kv_usage:.1%}), "
+            "prefix-cache hit rate "
             f"{self.prefix_cache_hit_rate:.1%} ({self.prefix_hit_tokens}/{self.prefix_query_tokens} tokens), "
             f"preemptions {self.num_preemptions}, swaps out/in {self.num_swap_outs}/{self.num_swap_ins}, "
             f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}"

@@ -8,7 +8,7 @@ import dataclasses
 
 from jaxpage.beam_search import BeamGroup
 from jaxpage.metrics import RequestMetrics, request_metrics
-from jaxpage.request import Request
+from jaxpage.request import Request, RequestStatus
 from jaxpage.sampling_params import SamplingParams
 from jaxpage.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -18,7 +18,7 @@ class CompletionOutput:
     index: int  # which sample of the request (0 .. best_of - 1)
     text: str  # everything released so far; special tokens left out, a matched stop string cut off
     token_ids: list[int]  # every generated token, including the EOS or stop token that ended generation
-    finish_reason: str | None  # "stop", "length", "abort"; None while generating
+    finish_reason: str | None  # "stop", "length", "abort", "error"; None while generating
     # With logprobs = k: per token of token_ids, {token id: logprob} of that token first, then of the k most
     # likely (the chosen one appears once), from the model's unmodified distribution; else None.
     logprobs: list[dict[int, float]] | None
@@ -37,6 +37,8 @@ class RequestOutput:
     # With prompt_logprobs = k: per prompt token the same dicts as CompletionOutput.logprobs, None for the
     # first token (nothing precedes it); else None.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Why the request failed (its finish reasons are then "error"), e.g. non-finite logits; else None.
+    error: str | None = None
 
 
 class TextState:
@@ -91,6 +93,7 @@ class SampleGroup:
         self.params = params
         self.samples = samples
         self.reported = [0] * len(samples)  # output tokens of each sample already reported
+        self.error: str | None = None  # set when the request failed on the device
 
     def output(self, texts: dict[str, TextState]) -> RequestOutput | None:
         """The request's output now; None while best_of > n is still generating (the best are unknown)."""
@@ -99,7 +102,9 @@ class SampleGroup:
         if len(self.samples) > self.params.n:
             if not finished:
                 return None
-            chosen.sort(key=lambda i: -self.samples[i].cumulative_logprob)
+            # The best completed samples; one cut short by an abort only where too few completed.
+            aborted = [self.samples[i].status == RequestStatus.FINISHED_ABORTED for i in chosen]
+            chosen.sort(key=lambda i: (aborted[i], -self.samples[i].cumulative_logprob))
             chosen = sorted(chosen[: self.params.n])
         completions = []
         for index in chosen:
@@ -129,6 +134,7 @@ class SampleGroup:
             finished,
             request_metrics(first),
             list(first.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
+            self.error,
         )
 
 
@@ -161,4 +167,32 @@ def beam_search_output(beams: BeamGroup, tokenizer: Tokenizer) -> RequestOutput:
         True,
         request_metrics(first),
         list(prompt_logprobs) if prompt_logprobs is not None else None,
+    )
+
+
+def aborted_beam_search_output(
+    beams: BeamGroup, live: list[Request], tokenizer: Tokenizer, error: str | None = None
+) -> RequestOutput:
+    """The final output of a beam search ended early: the tokens so far of each live beam (`live`, its
+    requests), with finish reason "abort" (or "error", with `error` set, when it failed on the device)."""
+    reason = "abort" if error is None else "error"
+    first = beams.first_request
+    completions = []
+    for index, request in enumerate(live):
+        token_ids = list(request.output_token_ids)
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        completions.append(
+            CompletionOutput(
+                index=index,
+                text=text,
+                token_ids=token_ids,
+                finish_reason=reason,
+                logprobs=None,
+                new_text=text,
+                new_token_ids=token_ids,
+                cumulative_logprob=request.cumulative_logprob,
+            )
+        )
+    return RequestOutput(
+        beams.request_id, first.prompt_token_ids, completions, True, request_metrics(first), error=error
     )

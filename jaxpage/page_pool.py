@@ -140,6 +140,14 @@ class PagePool:
         self._key_of[page_id] = key
         self._page_of[key.digest] = page_id
 
+    def uncache(self, page_ids: list[int]) -> None:
+        """Forgets the prefix-cache names of these pages, so no later request is handed their K/V (a request
+        whose computation failed may have written garbage into them)."""
+        for page in page_ids:
+            key = self._key_of.pop(page, None)
+            if key is not None:
+                del self._page_of[key.digest]
+
     def is_cached(self, page_id: int) -> bool:
         return page_id in self._key_of
 

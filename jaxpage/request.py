@@ -15,6 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len reached
     FINISHED_ABORTED = "abort"  # the caller gave up on it
+    FINISHED_ERROR = "error"  # the device produced something unusable for it (non-finite logits)
 
     @property
     def is_finished(self) -> bool:
@@ -22,11 +23,12 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
     @property
     def finish_reason(self) -> str | None:
-        """The OpenAI-style reason ("stop", "length", "abort"), None while unfinished."""
+        """The OpenAI-style reason ("stop", "length", "abort"), or "error"; None while unfinished."""
         return self.value if self.is_finished else None
 
 

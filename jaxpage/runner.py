@@ -27,6 +27,7 @@ import numpy as np
 from jaxpage.batch import Bucket, BucketGrid, StepInputs, padding_inputs
 from jaxpage.compilation_cache import enable_compilation_cache
 from jaxpage.config import EngineConfig
+from jaxpage.kv_memory import allocate_kv_pool, free_device_bytes, pool_pages
 from jaxpage.sampling import (
     Penalties,
     PromptLogprobs,
@@ -66,32 +67,13 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-def _free_device_bytes(device: jax.Device) -> int:
-    stats = device.memory_stats()
-    if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    # The CPU client reports no memory statistics; its memory is the host's.
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError("cannot tell the free device memory here; set the engine config field num_pages")
-
-
 def kv_pool_pages(cfg: ModelConfig, engine_config: EngineConfig, max_model_len: int) -> int:
-    """Pages of the KV pool, page 0 included: `num_pages` when set, else the configured fraction of the free
-    device memory, never more than `max_num_seqs` full-length requests can use."""
-    if engine_config.num_pages is not None:
-        return engine_config.num_pages
-    most_useful = engine_config.max_num_seqs * engine_config.pages_per_seq(max_model_len) + 1
-    budget = engine_config.kv_cache_memory_fraction * _free_device_bytes(jax.devices()[0])
-    num_pages = min(int(budget // kv_bytes_per_page(cfg, engine_config.page_size)), most_useful)
-    if num_pages < 2:
-        raise ValueError(
-            f"kv_cache_memory_fraction {engine_config.kv_cache_memory_fraction} leaves room for {num_pages} "
-            "KV pages; at least 2 are needed (set num_pages or raise the fraction)"
-        )
-    return num_pages
+    """Pages of the KV pool on the default device, page 0 included (see `kv_memory.pool_pages`)."""
+    device = jax.devices()[0]
+    bytes_per_page = kv_bytes_per_page(cfg, engine_config.page_size)
+    return pool_pages(
+        engine_config, max_model_len, bytes_per_page, free_device_bytes(device), device.platform == "cpu"
+    )
 
 
 def _abstract(tree):
@@ -143,7 +125,16 @@ _GREEDY, _SAMPLED, _PENALISED = "greedy", "sampled", "penalised"
 class Runner:
     """The device half of the engine. `step` is called from one thread only (the pool is donated)."""
 
-    def __init__(self, model_config: ModelConfig, params: dict, engine_config: EngineConfig):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: dict,
+        engine_config: EngineConfig,
+        num_token_ids: int | None = None,
+    ):
+        """num_token_ids: ids at and above it (rows that pad the embedding table past the tokenizer's
+        vocabulary) get logit -inf in every forward kind, so they are never sampled, reported as an
+        alternative, or counted in a logprob's normaliser. None: every id of the model is a token."""
         if engine_config.compilation_cache_dir is not None:
             enable_compilation_cache(engine_config.compilation_cache_dir)
         self.model_config = model_config
@@ -157,8 +148,14 @@ class Runner:
         )
         self.params = jax.device_put(params)
         self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len)
-        self.kv_pool = llama.init_kv_pool(model_config, self.num_pages, self.page_size)
+        self.kv_pool = allocate_kv_pool(
+            model_config, self.num_pages, self.page_size, kv_bytes_per_page(model_config, self.page_size)
+        )
         self._base_key = jax.random.key(engine_config.seed)
+        vocab_size = model_config.vocab_size
+        self.num_token_ids = vocab_size if num_token_ids is None else num_token_ids
+        assert 0 < self.num_token_ids <= vocab_size, (self.num_token_ids, vocab_size)
+        self._warmed_up = False  # before warm-up, compiling a bucket on first use is expected
         # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
         self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
         self._forward_jits = {
@@ -187,10 +184,14 @@ class Runner:
         )
         if logits_indices is None:
             logits_indices = step["logits_indices"]
-        return llama.forward(
+        logits, kv_pool = llama.forward(
             params, self.model_config, step["token_ids"], step["positions"], kv_pool, metadata,
             logits_indices, attention=self.attention_backend, decode_only=decode_only,
         )  # fmt: skip
+        if self.num_token_ids < logits.shape[-1]:
+            is_token = jnp.arange(logits.shape[-1]) < self.num_token_ids
+            logits = jnp.where(is_token, logits, -jnp.inf)
+        return logits, kv_pool
 
     def _forward_all_logits(self, params, kv_pool, step: dict, targets):  # targets: i32[T]
         """The forward pass with logits at every token: the prompt logprobs of the step's tokens, and the
@@ -223,7 +224,8 @@ class Runner:
     def _forward_program(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         program = self._forward_programs.get((bucket, kind))
         if program is None:
-            logger.warning("compiling bucket %s (forward kind %s) outside warm-up", bucket, kind)
+            log = logger.warning if self._warmed_up else logger.debug
+            log("compiling bucket %s (forward kind %s) outside warm-up", bucket, kind)
             program = self._forward_programs[(bucket, kind)] = self._compile_forward(bucket, kind)
         return program
 
@@ -285,6 +287,7 @@ class Runner:
                 seconds[key[0]] = seconds.get(key[0], 0.0) + elapsed
             for key, future in samplers.items():
                 self._sample_programs[key] = future.result()
+        self._warmed_up = True
         return seconds
 
     # ---- one step ------------------------------------------------------------------------------------------

@@ -1,10 +1,21 @@
 """How one request is sampled and when it stops."""
 
 import dataclasses
-import math
 import zlib
 
+import numpy as np
+
 _SEED_LIMIT = 2**32  # seeds travel to the device as u32
+# The device samples in float32: a value is accepted only if it keeps its meaning there. Below the smallest
+# normal float32, XLA flushes to 0 (top_p 1e-40 would become 0); above the largest, it becomes inf.
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
+# Below this, logits / temperature can overflow float32 (vLLM clamps to the same value).
+MIN_TEMPERATURE = 0.01
+# More samples of one prompt than any use needs; a typo like n=10**9 would otherwise queue that many requests.
+MAX_SAMPLES = 1024
+# Hypothesis scores divide by length ** length_penalty; this bound keeps that finite up to 10**6 tokens.
+MAX_LENGTH_PENALTY = 50
 
 
 def _is_int(value) -> bool:
@@ -56,6 +67,9 @@ class SamplingParams:
 
     def __post_init__(self):
         # Normalise the convenient spellings first so the stored value has one type.
+        for name in ("stop", "stop_token_ids"):
+            if getattr(self, name) is None:  # JSON null, like a null seed, means "none"
+                object.__setattr__(self, name, ())
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
@@ -68,17 +82,24 @@ class SamplingParams:
 
         if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        t = self.temperature
+        if not (_is_number(t) and (t == 0 or MIN_TEMPERATURE <= t <= _F32_MAX)):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {_F32_MAX:.4g}] "
+                f"(float32), got {t!r}"
+            )
+        if not (_is_number(self.top_p) and _F32_TINY <= self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] and >= {_F32_TINY:.4g} (float32), got {self.top_p!r}")
         if not (_is_int(self.top_k) and self.top_k >= 0):
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (_is_number(self.min_p) and (self.min_p == 0 or _F32_TINY <= self.min_p <= 1)):
+            raise ValueError(f"min_p must be 0 or in [{_F32_TINY:.4g}, 1] (float32), got {self.min_p!r}")
         rp = self.repetition_penalty
-        if not (_is_number(rp) and math.isfinite(rp) and rp > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        if not (_is_number(rp) and _F32_TINY <= rp <= _F32_MAX):
+            raise ValueError(
+                f"repetition_penalty must be a number > 0, in [{_F32_TINY:.4g}, {_F32_MAX:.4g}] (float32), "
+                f"got {rp!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (_is_number(value) and -2 <= value <= 2):
@@ -99,17 +120,23 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 0):
                 raise ValueError(f"{name} must be None, a bool or an int >= 0, got {value!r}")
-        if not (_is_int(self.n) and self.n >= 1):
-            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if self.best_of is not None and not (_is_int(self.best_of) and self.best_of >= self.n):
-            raise ValueError(f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}")
+        if not (_is_int(self.n) and 1 <= self.n <= MAX_SAMPLES):
+            raise ValueError(f"n must be an int in [1, {MAX_SAMPLES}], got {self.n!r}")
+        if self.best_of is not None and not (_is_int(self.best_of) and self.n <= self.best_of <= MAX_SAMPLES):
+            raise ValueError(
+                f"best_of must be None or an int in [n ({self.n}), {MAX_SAMPLES}], got {self.best_of!r}"
+            )
         if not isinstance(self.use_beam_search, bool):
             raise ValueError(f"use_beam_search must be a bool, got {self.use_beam_search!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
         lp = self.length_penalty
-        if not (_is_number(lp) and math.isfinite(lp)):
-            raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
+        # length ** length_penalty is computed in Python floats, which raise OverflowError past ~1e308.
+        if not (_is_number(lp) and -MAX_LENGTH_PENALTY <= lp <= MAX_LENGTH_PENALTY):
+            raise ValueError(
+                f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], "
+                f"got {lp!r}"
+            )
         if self.use_beam_search:
             self._check_beam_search()
 

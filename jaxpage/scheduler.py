@@ -118,6 +118,13 @@ class Scheduler:
                 f"prompt has {num_prompt} tokens, which leaves no room to generate within max_model_len "
                 f"({self.max_model_len})"
             )
+        room = self.max_model_len - num_prompt
+        if request.sampling_params.min_tokens > room:
+            raise ValueError(
+                f"min_tokens ({request.sampling_params.min_tokens}) cannot be met: the prompt has "
+                f"{num_prompt} tokens, which leaves room for {room} output tokens within max_model_len "
+                f"({self.max_model_len})"
+            )
         # A request that cannot fit the whole pool on its own would preempt itself forever. (Alone it shares
         # no page it writes into, so it needs no copy-on-write page either.)
         max_total = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
@@ -146,6 +153,18 @@ class Scheduler:
         if request is None:
             return None
         self._finish(request, status)
+        return request
+
+    def fail_request(self, request_id: str) -> Request | None:
+        """Ends a request whose step produced garbage (non-finite logits). Pages are named in the prefix cache
+        only after a step whose logits were finite, so none of its garbage should be named; its pages still
+        leave the cache before they are freed, so that no later request could take K/V it wrote. Unknown
+        ids are ignored (None)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.pool.uncache(request.page_ids)
+        self._finish(request, RequestStatus.FINISHED_ERROR)
         return request
 
     # ---- beams: fork, replace, hold ------------------------------------------------------------------------

@@ -171,8 +171,7 @@ class Tokenizer:
 
         add_special_tokens: add BOS/EOS where the checkpoint asks for them (SmolLM2 asks for neither).
         """
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        check_text("text", text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -194,13 +193,18 @@ class Tokenizer:
                 "this tokenizer has no chat template (none in the GGUF or tokenizer_config.json)"
             )
         # HF passes tools and documents explicitly, so `{% if tools is not none %}` is false.
-        return self._compiled_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            tools=None,
-            documents=None,
-            **self.special_tokens,
-        )
+        try:
+            return self._compiled_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
+        except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as error:
+            # The checkpoint's template failed on these messages (e.g. a field it expects is missing).
+            name = type(error).__name__
+            raise ValueError(f"chat template failed on these messages: {name}: {error}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template writes any BOS itself, so none is added (as in HF)."""
@@ -223,9 +227,20 @@ def validate_messages(messages) -> None:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}].role must be one of {CHAT_ROLES}, got {role!r}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a str, got {content!r}")
+        check_text(f"messages[{i}].content", message.get("content"))
+
+
+def check_text(field: str, text) -> None:
+    """Raises ValueError naming `field` unless `text` is a str that UTF-8 can encode (a lone surrogate such as
+    "\\ud800", which JSON allows, cannot be, and the tokenizer would raise a TypeError on it)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{field} must be a str, got {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{field} is not valid Unicode: lone surrogate {text[error.start]!r} at index {error.start}"
+        ) from None
 
 
 class IncrementalDetokenizer:

@@ -141,7 +141,7 @@ def test_a_beam_width_beyond_the_sampled_candidates_is_refused():
         (dict(temperature=0.8), "temperature must be 0 with use_beam_search, got 0.8"),
         (dict(top_p=0.9), "top_p must be 1.0 with use_beam_search"),
         (dict(top_k=5), "top_k must be 0 with use_beam_search"),
-        (dict(n=3, best_of=2), "best_of must be None or an int >= n \\(3\\)"),
+        (dict(n=3, best_of=2), "best_of must be None or an int in \\[n \\(3\\)"),
         (dict(repetition_penalty=1.2), "repetition_penalty must be 1.0 with use_beam_search, got 1.2"),
         (dict(presence_penalty=0.5), "presence_penalty must be 0.0 with use_beam_search"),
         (dict(frequency_penalty=-1.0), "frequency_penalty must be 0.0 with use_beam_search"),

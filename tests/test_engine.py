@@ -159,9 +159,16 @@ def test_abort_frees_a_running_request_at_once(llm):
     dropped = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0))
     engine.step()
     engine.step()
-    engine.abort(dropped)
-    finished = [o for o in engine.stream() if o.finished]
-    assert [o.request_id for o in finished] == [kept]
+    used = engine.pool.num_used_pages
+    assert engine.abort(dropped)
+    assert engine.pool.num_used_pages < used
+    finished = {o.request_id: o for o in engine.stream() if o.finished}
+    assert sorted(finished) == sorted([kept, dropped])
+    assert finished[kept].outputs[0].finish_reason == "length"
+    # The aborted request's final output comes with the next step, with the tokens it had.
+    aborted = finished[dropped].outputs[0]
+    assert aborted.finish_reason == "abort" and len(aborted.token_ids) == 2
+    assert not engine.abort(dropped)  # no longer in flight
 
 
 def test_early_exit_from_a_stream_gives_the_pages_back(llm):

@@ -51,6 +51,7 @@ def test_summary_names_every_counter():
     metrics = EngineMetrics(
         num_steps=10,
         kv_usage=0.25,
+        peak_kv_usage=0.75,
         num_cached_pages=3,
         prefix_query_tokens=200,
         prefix_hit_tokens=50,
@@ -62,7 +63,7 @@ def test_summary_names_every_counter():
     )
     assert metrics.prefix_cache_hit_rate == 0.25
     assert metrics.summary() == (
-        "steps 10, KV usage 25.0%, prefix-cache hit rate 25.0% (50/200 tokens), preemptions 2, "
-        "swaps out/in 1/1, copy-on-write copies 4, evictions 5"
+        "steps 10, peak KV usage 75.0% (now 25.0%), prefix-cache hit rate 25.0% (50/200 tokens), "
+        "preemptions 2, swaps out/in 1/1, copy-on-write copies 4, evictions 5"
     )
-    assert EngineMetrics(0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0).prefix_cache_hit_rate == 0.0
+    assert EngineMetrics(0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0).prefix_cache_hit_rate == 0.0
