@@ -1,12 +1,20 @@
 """Batch generation: one request per JSONL line in, one result per line out, all served in one batch.
 
-Input line: {"id"?, "prompt": str | "messages": [{role, content}], and any `SamplingParams` field: "n"?,
-"best_of"?, "max_tokens"?, "min_tokens"?, "temperature"?, "top_p"?, "top_k"?, "min_p"?, "repetition_penalty"?,
-"presence_penalty"?, "frequency_penalty"?, "seed"?, "stop"?, "stop_token_ids"?, "ignore_eos"?, "logprobs"?,
-"prompt_logprobs"?, "use_beam_search"?, "length_penalty"?, "early_stopping"?}. Output line, in input order:
-{"id", "prompt_token_ids", "prompt_logprobs"?, "outputs": [{"index", "text", "token_ids", "finish_reason",
-"cumulative_logprob", "logprobs"?}], "metrics": {"queue_time", "ttft", "tpot", "num_cached_tokens", ...}}, or
-{"id", "error"} for a line that could not be served; the other lines are served regardless.
+Input: a UTF-8 JSONL file (a byte-order mark at its start is allowed). Input line: {"id"?, "prompt": str |
+"messages": [{role, content}], and any `SamplingParams` field: "n"?, "best_of"?, "max_tokens"?,
+"min_tokens"?, "temperature"?, "top_p"?, "top_k"?, "min_p"?, "repetition_penalty"?, "presence_penalty"?,
+"frequency_penalty"?, "seed"?, "stop"?, "stop_token_ids"?, "ignore_eos"?, "logprobs"?, "prompt_logprobs"?,
+"use_beam_search"?, "length_penalty"?, "early_stopping"?}. An id is a string or an int and defaults to the
+line number; a repeated id is served again, with a warning.
+
+Output line: {"id", "line", "prompt_token_ids", "prompt_logprobs"?, "outputs": [{"index", "text",
+"token_ids", "finish_reason", "cumulative_logprob", "logprobs"?}], "metrics": {"queue_time", "ttft", "tpot",
+"num_cached_tokens", ...}}, or {"id", "line", "error"} for a line that could not be served or a request that
+failed; the other lines are served regardless. "line" is the 1-based input line number.
+
+Rows are written to the output file as their requests finish, so while the run goes on (or after it was
+interrupted) the file holds the finished rows in completion order; a run that ends normally rewrites it in
+input order. Sort a partial file by "line" to restore the input order.
 
 With "logprobs": k, an output's "logprobs" has, per generated token, a list of [token_id, logprob] pairs: the
 generated token first, then the k most likely tokens in order (the generated one appears once). With
@@ -14,19 +22,25 @@ generated token first, then the k most likely tokens in order (the generated one
 the model's own distribution, before penalties, temperature and filters. A request asking prompt logprobs
 takes no prefix-cache hit.
 
-The engine's metrics (KV usage, prefix-cache hit rate, preemptions, swaps) are printed at the end. The
-resolved gin config is written next to the output.
+The engine's metrics (peak KV usage, prefix-cache hit rate, preemptions, swaps) are printed at the end. The
+resolved gin config is written next to the output. Logging shows warnings and errors only, unless --verbosity
+is given.
 
   python scripts/generate.py --input examples/prompts.jsonl --output out/demo.jsonl --print_outputs
 """
 
+import codecs
 import dataclasses
 import json
+import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from tokenize import TokenError
+from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 from tqdm import tqdm
 
 from jaxpage import LLM, SamplingParams, gin_config
@@ -47,34 +61,55 @@ def _define_flags() -> None:
     flags.DEFINE_bool("print_outputs", False, "Print every prompt and its answer when done.")
 
 
-def parse_line(text: str) -> tuple[object, dict]:
-    """One input line -> (its id or None, keyword arguments of `LLMEngine.add_request`). ValueError names the
-    field at fault."""
+def read_lines(path: Path) -> list[bytes]:
+    """The file's lines, undecoded: a line that is not UTF-8 then fails alone, in `parse_line`."""
+    # Some editors start a UTF-8 file with a byte-order mark; it is no part of line 1's JSON.
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+
+
+def parse_line(text: str | bytes) -> tuple[object, dict]:
+    """One input line -> (its id or None, its fields). ValueError names the field at fault.
+
+    Only the id is checked here, so that a line refused for another field keeps its id in the error row.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"not valid UTF-8: byte {error.object[error.start]:#04x} at offset {error.start}"
+            ) from None
     try:
         line = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON: {error}") from None
     if not isinstance(line, dict):
         raise ValueError(f"a line must be a JSON object, got {type(line).__name__}")
+    request_id = line.get("id")
+    # bool is an int in Python, but `true` as an id is a mistake, not id 1.
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, str | int)):
+        raise ValueError(f"id must be a string or an int, got {request_id!r}")
+    return request_id, line
+
+
+def request_kwargs(line: dict) -> dict:
+    """A parsed line's fields -> keyword arguments of `LLMEngine.add_request`. ValueError names the field."""
     unknown = sorted(set(line) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
-    request_id = line.get("id")
-    if request_id is not None and not isinstance(request_id, str | int):
-        raise ValueError(f"id must be a string or an int, got {request_id!r}")
     if ("prompt" in line) == ("messages" in line):
         raise ValueError("give exactly one of the fields prompt and messages")
     if "prompt" in line and not isinstance(line["prompt"], str):
         raise ValueError(f"prompt must be a string, got {line['prompt']!r}")
     params = SamplingParams(**{name: line[name] for name in SAMPLING_FIELDS if name in line})
-    return request_id, {
-        "prompt": line.get("prompt"),
-        "messages": line.get("messages"),
-        "sampling_params": params,
-    }
+    return {"prompt": line.get("prompt"), "messages": line.get("messages"), "sampling_params": params}
 
 
-def _result_row(request_id, output) -> dict:
+def _error_row(request_id, line_number: int, error) -> dict:
+    return {"id": request_id, "line": line_number, "error": f"line {line_number}: {error}"}
+
+
+def _result_row(request_id, line_number: int, output) -> dict:
     results = []
     for completion in output.outputs:
         result = {
@@ -87,7 +122,7 @@ def _result_row(request_id, output) -> dict:
         if completion.logprobs is not None:
             result["logprobs"] = [_pairs(position) for position in completion.logprobs]
         results.append(result)
-    row = {"id": request_id, "prompt_token_ids": output.prompt_token_ids}
+    row = {"id": request_id, "line": line_number, "prompt_token_ids": output.prompt_token_ids}
     if output.prompt_logprobs is not None:
         row["prompt_logprobs"] = [_pairs(position) for position in output.prompt_logprobs]
     return row | {"outputs": results, "metrics": dataclasses.asdict(output.metrics)}
@@ -98,42 +133,118 @@ def _pairs(logprobs: dict[int, float] | None) -> list[list] | None:
     return None if logprobs is None else [[token_id, logprob] for token_id, logprob in logprobs.items()]
 
 
-def serve(llm: LLM, lines: list[str], progress: bool = False) -> list[dict]:
+def serve(
+    llm: LLM,
+    lines: Sequence[str | bytes],
+    on_row: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """Serves every non-blank line in one continuous batch and returns the output rows in input order.
 
-    A line's id defaults to its 1-based line number; a line that cannot be served gets an `error` row naming
-    the line and the field, and leaves the engine as it was.
+    `on_row` gets each row as soon as it is final: rows of refused lines first, then the others as their
+    requests finish. A line's id defaults to its 1-based line number; a line that cannot be served gets an
+    `error` row naming the line and the field, and leaves the engine as it was. An exception (Ctrl-C) aborts
+    the requests still running, so the engine can serve again.
     """
     engine = llm.engine
-    rows: list[dict | None] = []
-    pending: dict[str, tuple[int, object]] = {}  # engine request id -> (row index, the line's id)
+    rows: dict[int, dict] = {}  # by line number
+    pending: dict[str, tuple[int, object]] = {}  # engine request id -> (line number, the line's id)
+    first_line_of: dict[object, int] = {}  # by id
+
+    def finish(line_number: int, row: dict) -> None:
+        rows[line_number] = row
+        if on_row is not None:
+            on_row(row)
+
     for line_number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         request_id = line_number
         try:
-            request_id, kwargs = parse_line(text)
-            request_id = line_number if request_id is None else request_id
+            line_id, line = parse_line(text)
+            request_id = line_number if line_id is None else line_id
+            first = first_line_of.setdefault(request_id, line_number)
+            if first != line_number:
+                print(
+                    f"warning: line {line_number} repeats the id {request_id!r} of line {first}",
+                    file=sys.stderr,
+                )
             # Engine ids are per line, so a repeated `id` in the input cannot clash.
-            engine_id = engine.add_request(request_id=f"line-{line_number}", **kwargs)
+            engine_id = engine.add_request(request_id=f"line-{line_number}", **request_kwargs(line))
         except ValueError as error:
-            rows.append({"id": request_id, "error": f"line {line_number}: {error}"})
+            finish(line_number, _error_row(request_id, line_number, error))
             continue
-        pending[engine_id] = (len(rows), request_id)
-        rows.append(None)
+        pending[engine_id] = (line_number, request_id)
 
     start, generated = time.perf_counter(), 0
-    with tqdm(total=len(pending), unit="req", disable=not progress, file=sys.stderr) as bar:
-        while pending:
-            for output in engine.step():
-                generated += sum(len(completion.new_token_ids) for completion in output.outputs)
-                if output.finished and output.request_id in pending:
-                    index, request_id = pending.pop(output.request_id)
-                    rows[index] = _result_row(request_id, output)
-                    bar.update(1)
-            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
-    assert all(row is not None for row in rows)
+    try:
+        with tqdm(total=len(pending), unit="req", disable=not progress, file=sys.stderr) as bar:
+            while pending:
+                for output in engine.step():
+                    generated += sum(len(completion.new_token_ids) for completion in output.outputs)
+                    if output.finished and output.request_id in pending:
+                        line_number, request_id = pending.pop(output.request_id)
+                        error = getattr(output, "error", None)  # set when the device failed it
+                        if error:
+                            finish(line_number, _error_row(request_id, line_number, error))
+                        else:
+                            finish(line_number, _result_row(request_id, line_number, output))
+                        bar.update(1)
+                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+    except BaseException:
+        for engine_id in pending:
+            engine.abort(engine_id, report=False)  # no one will read its final output
+        raise
+    return [rows[line_number] for line_number in sorted(rows)]
+
+
+def _json_line(row: dict) -> str:
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON, e.g. in an id) has no UTF-8: keep it escaped
+        line = json.dumps(row)
+    return line + "\n"
+
+
+def serve_to_file(llm: LLM, lines: Sequence[str | bytes], path: Path, progress: bool = False) -> list[dict]:
+    """`serve`, writing each row to `path` as it is final; once all are, rewrites `path` in input order."""
+    with path.open("w", encoding="utf-8") as f:
+
+        def write(row: dict) -> None:
+            f.write(_json_line(row))
+            f.flush()  # an interrupted or killed run keeps the rows it finished
+
+        rows = serve(llm, lines, on_row=write, progress=progress)
+    # Through a temporary file, so a run stopped while rewriting still leaves every row.
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(map(_json_line, rows)), encoding="utf-8")
+    os.replace(temporary, path)
     return rows
+
+
+def check_output_path(path: Path) -> None:
+    """ValueError for an output the run could not write, found before the model loads and not after."""
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {str(path)!r}: cannot create its folder: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--output {str(path)!r}: its folder is not writable")
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, SyntaxError):  # its str() leaves out the text that failed to parse
+        where = f"{error.filename}, line {error.lineno}" if error.filename else "--gin_bindings"
+        return f"{error.msg.rstrip('.')} ({where}): {(error.text or '').strip()!r}"
+    return str(error).splitlines()[0]  # gin appends lines of context to a message
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _print_outputs(rows: list[dict]) -> None:
@@ -149,21 +260,41 @@ def _print_outputs(rows: list[dict]) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        # Libraries log at INFO while loading (backends, checkpoints): noise around the progress and results.
+        logging.set_verbosity(logging.WARNING)
     input_path, output_path = Path(FLAGS.input), Path(FLAGS.output)
-    if not input_path.is_file():  # before the model loads, so the mistake costs nothing
-        sys.exit(f"error: --input file {str(input_path)!r} does not exist")
-    lines = input_path.read_text(encoding="utf-8").splitlines()
+    # Before the model loads, so a mistake costs nothing.
+    if not input_path.is_file():
+        _fail(f"--input file {str(input_path)!r} does not exist")
+    try:
+        check_output_path(output_path)
+    except ValueError as error:
+        _fail(str(error))
+    gin_files = FLAGS.gin_file or [DEFAULT_GIN_FILE]
+    for gin_file in gin_files:
+        if not Path(gin_file).is_file():  # gin would log its search first, then raise
+            _fail(f"--gin_file {gin_file!r} does not exist")
+    lines = read_lines(input_path)
 
-    setup = gin_config.parse(FLAGS.gin_file or [DEFAULT_GIN_FILE], FLAGS.gin_bindings)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
+    except (OSError, SyntaxError, TokenError, TypeError, ValueError) as error:
+        _fail(f"gin config: {_one_line(error)}")
     config_path = output_path.with_name(output_path.stem + ".config.gin")
     config_path.write_text(gin_config.operative_config(), encoding="utf-8")
-    llm = LLM(setup.engine, random_model=setup.random_model, random_weight_scale=setup.random_weight_scale)
+    try:
+        llm = LLM(
+            setup.engine, random_model=setup.random_model, random_weight_scale=setup.random_weight_scale
+        )
+    except (OSError, ValueError) as error:
+        _fail(f"cannot build the engine: {_one_line(error)}")
 
-    rows = serve(llm, lines, progress=True)
-    with output_path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        rows = serve_to_file(llm, lines, output_path, progress=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {output_path} holds the finished rows, in completion order", file=sys.stderr)
+        sys.exit(130)
     num_errors = sum("error" in row for row in rows)
     print(
         f"wrote {len(rows)} results ({num_errors} errors) to {output_path}; config in {config_path}",
