@@ -13,6 +13,7 @@ Threads: `add_request` and `abort` may be called from any thread while one threa
 import dataclasses
 import itertools
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             preemption_mode=config.preemption_mode,
+            reserve_max_tokens=config.kv_allocation == "reserved",
             num_swap_pages=num_swap_pages,
         )
         self._text: dict[str, TextState] = {}  # by sample request id
@@ -192,7 +194,10 @@ class LLMEngine:
             if index > 0:  # the prompt's logprobs are reported once, from sample 0
                 sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
             if params.seed is not None:
-                sample_params = dataclasses.replace(sample_params, seed=sample_seed(params.seed, index))
+                seed = sample_seed(params.seed, index)
+            else:  # fixed by the caller's id, not by the admission order, so a run is reproducible
+                seed = zlib.crc32((request_id if num_samples == 1 else f"{request_id}#{index}").encode())
+            sample_params = dataclasses.replace(sample_params, seed=seed)
             sample_id = key if num_samples == 1 else f"{key}#{index}"
             fork_source = samples[0] if samples else None
             samples.append(Request(sample_id, prompt_token_ids, sample_params, eos, fork_source=fork_source))
@@ -301,9 +306,12 @@ class LLMEngine:
         Returns:
           Whether anything was aborted.
         """
+        check_text("request_id", request_id)
         with self._lock:
             beams = self._beams.get(request_id)
-            if beams is not None and index is None:
+            if beams is not None and index is not None:
+                raise ValueError(f"index must be None for beam search request {request_id!r}, got {index!r}")
+            if beams is not None:
                 del self._beams[request_id]
                 output = aborted_beam_search_output(beams, self._live_beams(beams), self.tokenizer)
                 for beam_id in beams.abort(self.scheduler):
@@ -329,6 +337,7 @@ class LLMEngine:
             if report:
                 self._pending_groups[group.request_id] = group
             elif all(sample.is_finished for sample in group.samples):
+                self._pending_groups.pop(group.request_id, None)  # an earlier abort of one sample reported
                 self._forget(group)
             return True
 
@@ -381,6 +390,15 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         ready, self._ready = self._ready, []
         outputs, self._pending_groups = self._pending_groups, {}
+        try:
+            return self._run_step(ready, outputs)
+        except BaseException:
+            # The step failed (a device error, an interrupt): the final outputs of aborts stay due.
+            self._ready = ready + self._ready
+            self._pending_groups = outputs | self._pending_groups
+            raise
+
+    def _run_step(self, ready: list[RequestOutput], outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         self._peak_used_pages = max(self._peak_used_pages, self.pool.num_used_pages)
         if scheduled.is_empty:

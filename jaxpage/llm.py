@@ -72,6 +72,9 @@ class LLM:
         # Outputs not yet taken by the call that added their request, by request id.
         self._mailboxes: dict[str, collections.deque[RequestOutput]] = {}
         self._lock = threading.Lock()  # guards the mailboxes; the engine has its own lock
+        # A step and the delivery of its outputs happen as one, so no call finds its mailbox empty while
+        # another call holds its outputs between the two.
+        self._step_lock = threading.Lock()
 
     @classmethod
     def from_gin(cls, gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> "LLM":
@@ -110,8 +113,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[RequestOutput]:
         """Like `generate`, but returns an iterator over every step's outputs (with `new_text` deltas).
-        The prompts are checked, and queued, before this returns."""
-        return self._run(self._add(prompts, sampling_params))
+        The prompts are checked, and queued, before this returns; closing the iterator (or dropping it, even
+        unstarted) aborts the requests it has not finished."""
+        return _OutputStream(self, self._add(prompts, sampling_params))
 
     def _run(self, request_ids: list[str]) -> Iterator[RequestOutput]:
         pending = set(request_ids)
@@ -122,30 +126,38 @@ class LLM:
                         pending.discard(output.request_id)
                     yield output
         finally:
+            self._drop(list(pending))  # the caller stopped early: give the pages back
             with self._lock:
                 for request_id in request_ids:
                     self._mailboxes.pop(request_id, None)
-            for request_id in pending:  # the caller stopped early: give the pages back
-                self.engine.abort(request_id, report=False)
 
     def _next_outputs(self, pending: set[str]) -> list[RequestOutput]:
         """Outputs of `pending` requests: those another call's steps left in their mailboxes, else those of
         one more step."""
-        mine = self._take(pending)
-        if mine:
+        with self._step_lock:
+            mine = self._take(pending)
+            if mine:
+                return mine
+            outputs = self.engine.step()
+            with self._lock:
+                for output in outputs:
+                    mailbox = self._mailboxes.get(output.request_id)
+                    if mailbox is not None:  # None: a request added to the engine directly, not through LLM
+                        mailbox.append(output)
+            mine = self._take(pending)
+            if not (mine or outputs or self.engine.has_unfinished_requests()):
+                # Nothing runs and nothing came: the requests are gone (aborted through the engine without an
+                # output reaching us). Looping would spin forever.
+                raise RuntimeError(f"requests {sorted(pending)} are no longer in the engine")
             return mine
-        outputs = self.engine.step()
+
+    def _drop(self, request_ids: list[str]) -> None:
+        """Aborts, unreported, the requests of a call that is gone, and forgets their mailboxes."""
         with self._lock:
-            for output in outputs:
-                mailbox = self._mailboxes.get(output.request_id)
-                if mailbox is not None:  # None: a request added to the engine directly, not through LLM
-                    mailbox.append(output)
-        mine = self._take(pending)
-        if not (mine or outputs or self.engine.has_unfinished_requests()):
-            # Nothing runs and nothing came: the requests are gone (aborted through the engine without an
-            # output reaching us). Looping would spin forever.
-            raise RuntimeError(f"requests {sorted(pending)} are no longer in the engine")
-        return mine
+            for request_id in request_ids:
+                self._mailboxes.pop(request_id, None)
+        for request_id in request_ids:
+            self.engine.abort(request_id, report=False)
 
     def _take(self, request_ids: set[str]) -> list[RequestOutput]:
         with self._lock:
@@ -185,10 +197,34 @@ class LLM:
                     self._mailboxes[request_id] = collections.deque()
                 request_ids.append(request_id)
         except BaseException:  # a refused prompt, or an interrupt: none of this call's requests stays queued
-            for request_id in request_ids:
-                self.engine.abort(request_id, report=False)
-            with self._lock:
-                for request_id in request_ids:
-                    self._mailboxes.pop(request_id, None)
+            self._drop(request_ids)
             raise
         return request_ids
+
+
+class _OutputStream:
+    """The iterator `generate_stream` returns. A generator never started never runs its `finally`, so this
+    wrapper gives the requests back also when the stream is closed or dropped before its first item."""
+
+    def __init__(self, llm: LLM, request_ids: list[str]):
+        self._llm = llm
+        self._request_ids = request_ids
+        self._outputs = llm._run(request_ids)
+        self._started = False
+
+    def __iter__(self) -> "_OutputStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        self._started = True
+        return next(self._outputs)
+
+    def close(self) -> None:
+        if self._started:
+            self._outputs.close()  # its `finally` aborts what is unfinished
+        else:
+            self._started = True
+            self._llm._drop(self._request_ids)
+
+    def __del__(self) -> None:
+        self.close()

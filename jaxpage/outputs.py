@@ -102,9 +102,10 @@ class SampleGroup:
         if len(self.samples) > self.params.n:
             if not finished:
                 return None
-            # The best completed samples; one cut short by an abort only where too few completed.
-            aborted = [self.samples[i].status == RequestStatus.FINISHED_ABORTED for i in chosen]
-            chosen.sort(key=lambda i: (aborted[i], -self.samples[i].cumulative_logprob))
+            # The best completed samples; one cut short (aborted, failed) only where too few completed.
+            cut_short = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+            short = [self.samples[i].status in cut_short for i in chosen]
+            chosen.sort(key=lambda i: (short[i], -self.samples[i].cumulative_logprob))
             chosen = sorted(chosen[: self.params.n])
         completions = []
         for index in chosen:

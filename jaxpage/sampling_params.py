@@ -10,8 +10,11 @@ _SEED_LIMIT = 2**32  # seeds travel to the device as u32
 # normal float32, XLA flushes to 0 (top_p 1e-40 would become 0); above the largest, it becomes inf.
 _F32_TINY = float(np.finfo(np.float32).tiny)
 _F32_MAX = float(np.finfo(np.float32).max)
-# Below this, logits / temperature can overflow float32 (vLLM clamps to the same value).
-MIN_TEMPERATURE = 0.01
+# The sampler divides the logits by repetition_penalty (at least MIN_REPETITION_PENALTY) and the temperature
+# (at least MIN_TEMPERATURE): any logit below 1e30 stays finite in float32. Smaller values would overflow to
+# inf and turn the distribution into NaN, or (below float32's smallest normal) round to 0.
+MIN_TEMPERATURE = 1e-6
+MIN_REPETITION_PENALTY = 0.01
 # More samples of one prompt than any use needs; a typo like n=10**9 would otherwise queue that many requests.
 MAX_SAMPLES = 1024
 # Hypothesis scores divide by length ** length_penalty; this bound keeps that finite up to 10**6 tokens.
@@ -95,10 +98,10 @@ class SamplingParams:
         if not (_is_number(self.min_p) and (self.min_p == 0 or _F32_TINY <= self.min_p <= 1)):
             raise ValueError(f"min_p must be 0 or in [{_F32_TINY:.4g}, 1] (float32), got {self.min_p!r}")
         rp = self.repetition_penalty
-        if not (_is_number(rp) and _F32_TINY <= rp <= _F32_MAX):
+        if not (_is_number(rp) and MIN_REPETITION_PENALTY <= rp <= _F32_MAX):
             raise ValueError(
-                f"repetition_penalty must be a number > 0, in [{_F32_TINY:.4g}, {_F32_MAX:.4g}] (float32), "
-                f"got {rp!r}"
+                f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, {_F32_MAX:.4g}] "
+                f"(float32), got {rp!r}"
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

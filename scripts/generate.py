@@ -83,6 +83,8 @@ def parse_line(text: str | bytes) -> tuple[object, dict]:
         line = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError("not valid JSON here: nested too deeply") from None
     if not isinstance(line, dict):
         raise ValueError(f"a line must be a JSON object, got {type(line).__name__}")
     request_id = line.get("id")
@@ -156,28 +158,27 @@ def serve(
         if on_row is not None:
             on_row(row)
 
-    for line_number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        request_id = line_number
-        try:
-            line_id, line = parse_line(text)
-            request_id = line_number if line_id is None else line_id
-            first = first_line_of.setdefault(request_id, line_number)
-            if first != line_number:
-                print(
-                    f"warning: line {line_number} repeats the id {request_id!r} of line {first}",
-                    file=sys.stderr,
-                )
-            # Engine ids are per line, so a repeated `id` in the input cannot clash.
-            engine_id = engine.add_request(request_id=f"line-{line_number}", **request_kwargs(line))
-        except ValueError as error:
-            finish(line_number, _error_row(request_id, line_number, error))
-            continue
-        pending[engine_id] = (line_number, request_id)
-
-    start, generated = time.perf_counter(), 0
-    try:
+    try:  # an interrupt while queueing or serving aborts what this call queued
+        for line_number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            request_id = line_number
+            try:
+                line_id, line = parse_line(text)
+                request_id = line_number if line_id is None else line_id
+                first = first_line_of.setdefault(request_id, line_number)
+                if first != line_number:
+                    print(
+                        f"warning: line {line_number} repeats the id {request_id!r} of line {first}",
+                        file=sys.stderr,
+                    )
+                # Engine ids are per line, so a repeated `id` in the input cannot clash.
+                engine_id = engine.add_request(request_id=f"line-{line_number}", **request_kwargs(line))
+            except ValueError as error:
+                finish(line_number, _error_row(request_id, line_number, error))
+                continue
+            pending[engine_id] = (line_number, request_id)
+        start, generated = time.perf_counter(), 0
         with tqdm(total=len(pending), unit="req", disable=not progress, file=sys.stderr) as bar:
             while pending:
                 for output in engine.step():
@@ -279,7 +280,7 @@ def main(argv):
 
     try:
         setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
-    except (OSError, SyntaxError, TokenError, TypeError, ValueError) as error:
+    except (ImportError, OSError, SyntaxError, TokenError, TypeError, ValueError) as error:
         _fail(f"gin config: {_one_line(error)}")
     config_path = output_path.with_name(output_path.stem + ".config.gin")
     config_path.write_text(gin_config.operative_config(), encoding="utf-8")

@@ -78,10 +78,11 @@ def test_token_prompts_may_be_tuples_numpy_ints_or_arrays(llm):
         # Each value is a float64 the old checks passed that float32 sampling would turn into 0 or inf.
         (dict(top_p=1e-40), "top_p must be in"),
         (dict(temperature=1e300), "temperature must be 0 .greedy. or a number in"),
-        (dict(temperature=1e-5), "temperature must be 0 .greedy. or a number in \\[0.01"),
+        (dict(temperature=1e-7), "temperature must be 0 .greedy. or a number in \\[1e-06"),
         (dict(min_p=1e-40), "min_p must be 0 or in"),
-        (dict(repetition_penalty=1e-300), "repetition_penalty must be a number > 0"),
-        (dict(repetition_penalty=1e300), "repetition_penalty must be a number > 0"),
+        # 1.2e-38 is a float32, but a logit divided by it overflows to inf.
+        (dict(repetition_penalty=1.2e-38), "repetition_penalty must be a number in \\[0.01"),
+        (dict(repetition_penalty=1e300), "repetition_penalty must be a number in \\[0.01"),
         (dict(length_penalty=1e300), "length_penalty must be a number in \\[-50, 50\\]"),
         (dict(n=10**9), "n must be an int in \\[1, 1024\\]"),
         (dict(stop=[""]), "stop must be a non-empty string"),
@@ -154,3 +155,33 @@ def test_aborting_a_beam_search_reports_its_live_beams(llm):
     (final,) = [output for output in engine.stream() if output.finished]
     assert final.request_id == request_id and final.outputs
     assert all(c.finish_reason == "abort" and 0 < len(c.token_ids) < 20 for c in final.outputs)
+
+
+def test_a_silent_abort_after_a_reported_sample_abort_leaves_the_engine_stepping(llm):
+    engine = llm.engine
+    request_id = engine.add_request("Hello", SamplingParams(n=2, max_tokens=8, temperature=1.0))
+    other = engine.add_request("Paging is", GREEDY)
+    engine.step()
+    assert engine.abort(request_id, index=0)  # its output is due next step...
+    assert engine.abort(request_id, report=False)  # ...but the caller is gone
+    assert finished_ids(engine) == [other]
+
+
+def test_abort_refuses_what_is_not_a_request_id_or_an_index(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="request_id must be a str"):
+        engine.abort(["x"])
+    request_id = engine.add_request(
+        "Hello", SamplingParams(max_tokens=4, temperature=0, use_beam_search=True, n=2)
+    )
+    with pytest.raises(ValueError, match="index must be None for beam search request"):
+        engine.abort(request_id, index=0)
+    assert finished_ids(engine) == [request_id]
+
+
+def test_a_stream_dropped_before_its_first_item_gives_its_requests_back(llm):
+    stream = llm.generate_stream(["a", "b"], GREEDY)
+    assert llm.engine.has_unfinished_requests()
+    del stream
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate("c", GREEDY)[0].outputs[0].finish_reason == "length"

@@ -3,6 +3,7 @@
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -103,3 +104,35 @@ def test_adding_and_aborting_from_other_threads_while_one_thread_steps(llm):
     assert aborted and all(finals[i].outputs[0].finish_reason == "abort" for i in aborted)
     assert all(finals[i].outputs[0].finish_reason in ("length", "stop") for i in set(added) - aborted)
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages
+
+
+def test_threads_sharing_an_llm_never_lose_an_output_that_another_call_stepped(llm, monkeypatch):
+    # Both calls' requests finish in the same last step. Whichever thread runs it must hand the other its
+    # output before that thread can find its mailbox empty and the engine idle (which reads as "lost").
+    engine_step = llm.engine.step
+
+    def slow_step():
+        outputs = engine_step()
+        if outputs:  # widens the window between a step and the delivery of its outputs
+            time.sleep(0.05)
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def consume(name: str):
+        try:
+            stream = llm.generate_stream([name], SamplingParams(max_tokens=4, temperature=0))
+            barrier.wait()  # both queued before either steps: they run in the same steps
+            results[name] = [o for o in stream if o.finished]
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=consume, args=(name,)) for name in ("ab", "cd")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors
+        assert sorted(results) == ["ab", "cd"] and all(len(finals) == 1 for finals in results.values())

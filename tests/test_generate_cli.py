@@ -56,6 +56,7 @@ def llm():
         ('{"prompt": "hi", "id": [1]}', "id must be"),
         ('{"prompt": "hi", "id": true}', "id must be a string or an int, got True"),
         ('["hi"]', "must be a JSON object"),
+        ("[" * 100_000, "not valid JSON here: nested too deeply"),
         ('{"prompt": "hi", "min_p": 2}', r"min_p must be .*, got 2$"),
         ('{"prompt": "hi", "repetition_penalty": 0}', "repetition_penalty must be"),
         ('{"prompt": "hi", "presence_penalty": -3}', r"presence_penalty must be in \[-2, 2\]"),
@@ -319,6 +320,11 @@ def _run_cli(tmp_path: Path, *args: str, output: Path | None = None) -> subproce
         ),
         (["--gin_bindings=EngineConfig.page_size = "], None, "Unable to parse value"),
         (["--gin_file=missing.gin"], None, "--gin_file 'missing.gin' does not exist"),
+        (
+            ["--gin_bindings=import no_such_module_xyz"],
+            None,
+            "gin config: No module named 'no_such_module_xyz'",
+        ),
         (
             ["--gin_bindings=ModelConfig.max_position_embeddings = 128"],
             None,
