@@ -8,6 +8,7 @@ from pathlib import Path
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas", "pallas_interpret")
 _PREEMPTION_MODES = ("recompute", "swap")
+_KV_ALLOCATIONS = ("paged", "reserved")
 
 
 def user_cache_dir() -> Path:
@@ -73,6 +74,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
     preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
     swap_space_gib: float = 4.0  # host memory holding swapped-out pages (preemption_mode "swap")
+    # "paged": pages are taken as tokens arrive. "reserved": a request takes, at admission, the pages of its
+    # whole prompt + max_tokens (the contiguous allocation of FasterTransformer and Orca), the baseline the
+    # PagedAttention paper compares against; only for that comparison.
+    kv_allocation: str = "paged"
     # The most top alternatives a request may ask for (logprobs, prompt_logprobs); every sampler computes
     # this many for every row, so keep it small.
     max_logprobs: int = 20
@@ -142,6 +147,11 @@ class EngineConfig:
             raise ValueError(
                 f"engine config field preemption_mode must be one of {_PREEMPTION_MODES}, "
                 f"got {self.preemption_mode!r}"
+            )
+        if self.kv_allocation not in _KV_ALLOCATIONS:
+            raise ValueError(
+                f"engine config field kv_allocation must be one of {_KV_ALLOCATIONS}, "
+                f"got {self.kv_allocation!r}"
             )
         swap = self.swap_space_gib
         if not (

@@ -83,7 +83,10 @@ class Scheduler:
         max_model_len: int,
         preemption_mode: str = "recompute",
         num_swap_pages: int = 0,
+        reserve_max_tokens: bool = False,
     ):
+        """reserve_max_tokens: admit a request only with the pages of its whole prompt + max_tokens (within
+        max_model_len), the contiguous-allocation baseline that paging is measured against."""
         assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
         assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
         self.pool = pool
@@ -93,6 +96,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
         self.num_swap_pages = num_swap_pages
+        self.reserve_max_tokens = reserve_max_tokens
         self.num_used_swap_pages = 0
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order; preemption takes from the end
@@ -362,8 +366,9 @@ class Scheduler:
         # A cached page is full and computed: only a sibling that forked off before its last token writes
         # into one again (the same token), and then into a private copy.
         assert cow or index >= len(request.page_ids) or not self.pool.is_cached(request.page_ids[index])
-        needed = self._pages_for(first + num_new) - len(request.page_ids) + cow
-        if needed <= 0:
+        # Reserved pages (reserve_max_tokens) may already cover the new tokens, but not a shared page's copy.
+        needed = max(0, self._pages_for(first + num_new) - len(request.page_ids)) + cow
+        if needed == 0:
             return True
         if not self.pool.can_allocate(needed):
             return False
@@ -386,6 +391,9 @@ class Scheduler:
         if request.status == RequestStatus.SWAPPED:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             needed = max(self._pages_for(request.num_computed_tokens + num_new), request.num_swapped_pages)
+            if not self.pool.can_allocate(needed):
+                return False
+            needed = max(needed, self._reserved_pages(request))
             if not self.pool.can_allocate(needed):
                 return False
             pages = self.pool.allocate(needed)
@@ -411,7 +419,7 @@ class Scheduler:
             request.page_ids = self.pool.lookup(request.page_keys[: reusable // self.page_size])
             request.num_computed_tokens = len(request.page_ids) * self.page_size
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-        if not self._allocate(request, num_new, out.copies):
+        if not (self._allocate(request, num_new, out.copies) and self._reserve(request)):
             self.pool.free(request.page_ids[::-1])
             request.page_ids = []
             request.num_computed_tokens = 0
@@ -422,6 +430,24 @@ class Scheduler:
             self.num_prefix_hit_tokens += request.num_computed_tokens
             request.num_cached_tokens = request.num_computed_tokens
         out.scheduled.append(ScheduledRequest(request, num_new))
+        return True
+
+    def _reserved_pages(self, request: Request) -> int:
+        """Pages a request holds from admission on when reserving: those of every token it may still get
+        (its last token's K/V is never written). 0 when paging."""
+        if not self.reserve_max_tokens:
+            return 0
+        max_total = min(request.num_prompt_tokens + request.sampling_params.max_tokens, self.max_model_len)
+        return self._pages_for(max_total - 1)
+
+    def _reserve(self, request: Request) -> bool:
+        """Tops the request's pages up to its reservation; False (taking none) if too few are free."""
+        missing = self._reserved_pages(request) - len(request.page_ids)
+        if missing <= 0:
+            return True
+        if not self.pool.can_allocate(missing):
+            return False
+        request.page_ids.extend(self.pool.allocate(missing))
         return True
 
     def _cache_full_pages(self, request: Request) -> None:

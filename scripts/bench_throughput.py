@@ -139,7 +139,7 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0.0)
         ids.append(engine.add_request(prompt, params))
     first, finish, outputs = {}, {}, {}
-    slots = stored = peak_pages = steps = 0
+    slots = stored = peak_pages = peak_running = steps = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
             now = time.perf_counter()
@@ -151,6 +151,7 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         slots += step_slots
         stored += step_stored
         peak_pages = max(peak_pages, engine.pool.num_used_pages)
+        peak_running = max(peak_running, len(engine.scheduler.running))
         steps += 1
     seconds = time.perf_counter() - start
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages, "pages leaked"
@@ -169,6 +170,7 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         "kv_slots_allocated": slots,
         "kv_tokens_stored": stored,
         "kv_peak_pages": peak_pages,
+        "peak_running_requests": peak_running,
         "kv_pool_pages": engine.pool.num_usable_pages,
         "outputs": [outputs[i] for i in ids],
     }
@@ -251,7 +253,8 @@ def main(argv):
         n = FLAGS.num_prompts
         workload = Workload(full.prompt_token_ids[:n], full.output_lens[:n])
     else:
-        workload = synthetic_workload(engine.model_config.vocab_size, FLAGS.num_prompts, rng)
+        # Token ids of the tokenizer: a model's vocabulary may be padded past it (ids no request may name).
+        workload = synthetic_workload(engine.tokenizer.vocab_size, FLAGS.num_prompts, rng)
     if FLAGS.max_output_tokens > 0:
         workload.output_lens = [min(n, FLAGS.max_output_tokens) for n in workload.output_lens]
 
@@ -311,7 +314,8 @@ def summary(record: dict) -> str:
         f"{record['warmup']['compile_seconds']:.1f} s (thread seconds)",
         f"jaxpage: {e['seconds']:.1f} s, {e['requests_per_s']:.2f} req/s, "
         f"{e['output_tokens_per_s']:.1f} output tok/s, mean TTFT {e['mean_ttft_s']:.2f} s, "
-        f"mean TPOT {1e3 * (e['mean_tpot_s'] or 0):.1f} ms, {e['steps']} steps",
+        f"mean TPOT {1e3 * (e['mean_tpot_s'] or 0):.1f} ms, {e['steps']} steps, "
+        f"peak {e.get('peak_running_requests', '?')} requests running at once",
         f"KV pages: peak {e['kv_peak_pages']} of {e['kv_pool_pages']}; waste {100 * e['kv_waste']:.2f}% "
         f"({e['kv_slots_allocated'] - e['kv_tokens_stored']} idle slots per {e['kv_tokens_stored']} "
         "stored tokens, summed over steps)",
