@@ -199,13 +199,17 @@ def serve(
     return [rows[line_number] for line_number in sorted(rows)]
 
 
+# Characters JSON leaves raw that Python's str.splitlines (and some editors) take for line breaks.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _json_line(row: dict) -> str:
     line = json.dumps(row, ensure_ascii=False)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (valid JSON, e.g. in an id) has no UTF-8: keep it escaped
         line = json.dumps(row)
-    return line + "\n"
+    return line.translate(_LINE_BREAKS) + "\n"
 
 
 def serve_to_file(llm: LLM, lines: Sequence[str | bytes], path: Path, progress: bool = False) -> list[dict]:

@@ -358,3 +358,16 @@ def test_the_summary_reports_the_peak_kv_usage(quiet_run):
     [summary] = [line for line in quiet_run.stderr.splitlines() if line.startswith("engine: ")]
     peak = re.search(r"peak KV usage (\d+\.\d)%", summary)
     assert peak and float(peak.group(1)) > 0, summary
+
+
+def test_every_row_is_one_line_whatever_its_text(llm, tmp_path):
+    # A lone surrogate has no UTF-8; U+0085 and U+2028 are line breaks to str.splitlines and some editors.
+    lines = [
+        json.dumps({"id": "\ud800", "prompt": "hi", "max_tokens": 2}),
+        '{"id": "a\\u2028b\\u0085", "prompt": 5}',
+    ]
+    path = tmp_path / "out.jsonl"
+    rows = generate_script.serve_to_file(llm, lines, path)
+    written = path.read_text(encoding="utf-8").splitlines()
+    assert len(written) == 2 and [json.loads(line)["id"] for line in written] == ["\ud800", "a\u2028b\x85"]
+    assert "outputs" in rows[0] and "error" in rows[1]
