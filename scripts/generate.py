@@ -99,6 +99,8 @@ def request_kwargs(line: dict) -> dict:
     unknown = sorted(set(line) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
+    # A null field is an absent one, as for every other field ("stop": null, "seed": null).
+    line = {name: value for name, value in line.items() if value is not None}
     if ("prompt" in line) == ("messages" in line):
         raise ValueError("give exactly one of the fields prompt and messages")
     if "prompt" in line and not isinstance(line["prompt"], str):

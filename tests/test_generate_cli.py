@@ -53,6 +53,7 @@ def llm():
         ('{"prompt": "hi", "max_tokens": 3', "not valid JSON"),
         ('{"prompt": "hi", "temprature": 0.5}', "unknown field 'temprature'"),
         ('{"max_tokens": 3}', "exactly one of the fields prompt and messages"),
+        ('{"prompt": null, "messages": null}', "exactly one of the fields prompt and messages"),
         ('{"prompt": "hi", "id": [1]}', "id must be"),
         ('{"prompt": "hi", "id": true}', "id must be a string or an int, got True"),
         ('["hi"]', "must be a JSON object"),
@@ -371,3 +372,9 @@ def test_every_row_is_one_line_whatever_its_text(llm, tmp_path):
     written = path.read_text(encoding="utf-8").splitlines()
     assert len(written) == 2 and [json.loads(line)["id"] for line in written] == ["\ud800", "a\u2028b\x85"]
     assert "outputs" in rows[0] and "error" in rows[1]
+
+
+def test_a_null_field_is_an_absent_one(llm):
+    line = '{"prompt": "hi", "messages": null, "max_tokens": null, "stop": null}'
+    (row,) = generate_script.serve(llm, [line])
+    assert "error" not in row and len(row["outputs"][0]["token_ids"]) == 16  # the default max_tokens
