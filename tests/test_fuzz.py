@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from jaxpage import LLM, SamplingParams
 
 FIELDS = [field.name for field in dataclasses.fields(SamplingParams)]
-# JAXPAGE_FUZZ_EXAMPLES raises the count for a long run (docs/reliability.md records one); CI runs 150.
+# JAXPAGE_FUZZ_EXAMPLES raises the count for a long run (docs/reliability.md records one); CI runs 100.
 FUZZ = settings(
-    max_examples=int(os.environ.get("JAXPAGE_FUZZ_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("JAXPAGE_FUZZ_EXAMPLES", "100")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -19,9 +19,9 @@ def _load_soak():
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_a_short_soak_leaks_nothing_and_loses_nothing(mode):
-    report = _load_soak().run_soak(mode, num_requests=150, seed=7, abort_every_s=0.03)
+    report = _load_soak().run_soak(mode, num_requests=100, seed=7, abort_every_s=0.03)
     assert report.problems == []
-    assert report.num_requests > 100 and report.num_aborted > 0 and report.num_preemptions > 0
+    assert report.num_requests > 80 and report.num_aborted > 0 and report.num_preemptions > 0
     assert report.num_refused > 0  # the bad requests among them were refused alone
     if mode == "swap":
         assert report.num_swap_outs > 0
