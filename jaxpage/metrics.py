@@ -1,6 +1,9 @@
-"""Latency of one request and the state of the engine, as plain dataclasses (host only, no jax)."""
+"""Latency of one request, the state of the engine, and KV occupancy (host only: numpy, no jax)."""
 
 import dataclasses
+import itertools
+
+import numpy as np
 
 from jaxpage.request import Request
 
@@ -68,3 +71,23 @@ class EngineMetrics:
             f"preemptions {self.num_preemptions}, swaps out/in {self.num_swap_outs}/{self.num_swap_ins}, "
             f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}"
         )
+
+
+def kv_occupancy(running: list[Request], page_size: int) -> tuple[int, int]:
+    """(page slots, tokens held) of the pages in the running requests' page tables, each page counted once
+    however many requests share it (a common prefix is stored once).
+
+    Summed over steps, (slots - tokens) / tokens is the KV waste. A benchmark counts it after every step
+    inside its timed loop, so it is numpy over all pages at once: a Python loop per page took ~9 ms a step at
+    256 rows of 40 pages on a CPU core, time that was charged to the engine."""
+    lens = np.fromiter((len(r.page_ids) for r in running), np.int64, len(running))
+    pages = np.fromiter(itertools.chain.from_iterable(r.page_ids for r in running), np.int64, int(lens.sum()))
+    if not len(pages):
+        return 0, 0
+    computed = np.fromiter((r.num_computed_tokens for r in running), np.int64, len(running))
+    index = np.arange(len(pages)) - np.repeat(np.cumsum(lens) - lens, lens)  # page's place in its table
+    held = np.clip(np.repeat(computed, lens) - index * page_size, 0, page_size)
+    order = np.lexsort((-held, pages))  # by page, the fullest holder first
+    first = np.ones(len(pages), bool)
+    first[1:] = pages[order][1:] != pages[order][:-1]
+    return int(first.sum()) * page_size, int(held[order][first].sum())

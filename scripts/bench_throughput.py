@@ -32,6 +32,7 @@ from absl import app, flags
 
 from jaxpage import SamplingParams, gin_config
 from jaxpage.engine import LLMEngine
+from jaxpage.metrics import kv_occupancy
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request
 from jaxpage.scheduler import Scheduler
@@ -117,17 +118,6 @@ def synthetic_workload(vocab_size: int, num_prompts: int, rng: np.random.Generat
 
     prompts = [rng.integers(1, vocab_size, size=n).tolist() for n in lengths(FLAGS.synthetic_input_len)]
     return Workload(prompts, lengths(FLAGS.synthetic_output_len))
-
-
-def kv_occupancy(running: list[Request], page_size: int) -> tuple[int, int]:
-    """(page slots, tokens held) of the pages in the running requests' page tables, each page counted once
-    however many requests share it (a common prefix is stored once)."""
-    fill: dict[int, int] = {}
-    for request in running:
-        for i, page in enumerate(request.page_ids):
-            held = min(page_size, max(0, request.num_computed_tokens - i * page_size))
-            fill[page] = max(fill.get(page, 0), held)
-    return len(fill) * page_size, sum(fill.values())
 
 
 def run_engine(engine: LLMEngine, workload: Workload) -> dict:
