@@ -131,8 +131,7 @@ class Scheduler:
             )
         # A request that cannot fit the whole pool on its own would preempt itself forever. (Alone it shares
         # no page it writes into, so it needs no copy-on-write page either.)
-        max_total = min(num_prompt + request.sampling_params.max_tokens, self.max_model_len)
-        needed = self._pages_for(max_total - 1)
+        needed = self._max_pages(request)
         if needed > self.pool.num_usable_pages:
             raise ValueError(
                 f"prompt ({num_prompt} tokens) + max_tokens ({request.sampling_params.max_tokens}) needs "
@@ -432,13 +431,16 @@ class Scheduler:
         out.scheduled.append(ScheduledRequest(request, num_new))
         return True
 
+    def _max_pages(self, request: Request) -> int:
+        """Pages the request holds once it has every token it may get (its last token's K/V is never
+        written)."""
+        max_total = min(request.num_prompt_tokens + request.sampling_params.max_tokens, self.max_model_len)
+        return self._pages_for(max_total - 1)
+
     def _reserved_pages(self, request: Request) -> int:
         """Pages a request holds from admission on when reserving: those of every token it may still get
         (its last token's K/V is never written). 0 when paging."""
-        if not self.reserve_max_tokens:
-            return 0
-        max_total = min(request.num_prompt_tokens + request.sampling_params.max_tokens, self.max_model_len)
-        return self._pages_for(max_total - 1)
+        return self._max_pages(request) if self.reserve_max_tokens else 0
 
     def _reserve(self, request: Request) -> bool:
         """Tops the request's pages up to its reservation; False (taking none) if too few are free."""

@@ -187,6 +187,7 @@ def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=engine.max_model_len,
+        reserve_max_tokens=config.kv_allocation == "reserved",
     )
     for i, (prompt, n) in enumerate(zip(workload.prompt_token_ids, workload.output_lens, strict=True)):
         params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0)
