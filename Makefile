@@ -11,7 +11,11 @@ PYTHON_HF ?= $(shell for p in python3.11 $$(pyenv root 2>/dev/null)/versions/3.1
   && { command -v $$p; break; }; done)
 VENV := .venv
 VENV_HF := .venv-hf
-PIP_QUIET := --quiet --disable-pip-version-check
+# --no-compile: Python compiles only the modules a run imports, on first import, instead of all of torch and
+# jax at install time (half of each venv's build).
+PIP_QUIET := --quiet --disable-pip-version-check --no-compile
+# The two venvs build side by side (`make test` needs both); --output-sync keeps each one's log together.
+MAKEFLAGS += --jobs=2 --output-sync=target
 
 .PHONY: demo test lint venv clean
 
