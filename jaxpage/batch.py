@@ -60,6 +60,10 @@ class StepInputs(NamedTuple):
     # i32[T] when some row needs prompt logprobs (then the step computes logits at every token), else i32[0]:
     # for each token of such a row, the prompt token that follows it (0 where none does).
     prompt_logprob_targets: np.ndarray
+    # i32[T]: for a token still pending on the device (sampled by the step in flight, see
+    # `Request.num_pending_tokens`), the row of that step that sampled it, whose device copy the forward
+    # pass takes instead of `token_ids`; -1 for tokens known on the host.
+    source_rows: np.ndarray
     # Whether some row reports top logprobs or runs a beam search: only then does the sampler find the
     # `max_logprobs` likeliest tokens of every row (a vocabulary top-k: ~10 ms a CPU step at 64 rows).
     wants_top_logprobs: bool = False
@@ -147,7 +151,7 @@ def min_tokens_bans(eos_token_ids, params) -> list[int]:
 
 def banned_token_ids(request) -> list[int]:
     """What the request may not draw next: `min_tokens_bans` while it has fewer than min_tokens outputs."""
-    if request.num_output_tokens >= request.sampling_params.min_tokens:
+    if request.num_sampled_tokens >= request.sampling_params.min_tokens:
         return []
     return min_tokens_bans(request.eos_token_ids, request.sampling_params)
 
@@ -195,10 +199,12 @@ def padding_inputs(bucket: Bucket, history_width: int = 0, prompt_logprobs: bool
         history_prompt_lens=zeros(b),
         history_lens=zeros(b),
         prompt_logprob_targets=zeros(t if prompt_logprobs else 0),
+        source_rows=np.full(t, -1, np.int32),
     )
 
 
 def _tokens(request, first: int, end: int) -> list[int]:
+    """The known tokens among `first:end` (a pending token, always the last, is left out)."""
     # Decode rows read only their last output token: skip building prompt + output for them.
     num_prompt = request.num_prompt_tokens
     if first >= num_prompt:
@@ -206,8 +212,13 @@ def _tokens(request, first: int, end: int) -> list[int]:
     return request.all_token_ids[first:end]
 
 
-def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -> StepInputs:
-    """Packs the scheduled rows into arrays of the bucket's shape, padding as the module docstring says."""
+def build_step_inputs(
+    output: SchedulerOutput, bucket: Bucket, page_size: int, in_flight_rows: dict[str, int] | None = None
+) -> StepInputs:
+    """Packs the scheduled rows into arrays of the bucket's shape, padding as the module docstring says.
+
+    in_flight_rows: request id -> its row in the step in flight, for requests with a pending token.
+    """
     num_tokens, num_rows, max_pages = step_size(output)
     assert num_tokens <= bucket.num_tokens and num_rows <= bucket.num_rows, (output, bucket)
     assert max_pages <= bucket.pages_per_row, (max_pages, bucket)
@@ -229,7 +240,11 @@ def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -
         pages = np.asarray(request.page_ids, np.int32)
         assert len(pages) * page_size >= end, f"{request} lacks pages for {end} tokens"
         pos = np.arange(first, end, dtype=np.int32)
-        x.token_ids[start : start + n] = _tokens(request, first, end)
+        known = _tokens(request, first, end)
+        x.token_ids[start : start + len(known)] = known
+        if len(known) < n:  # the last token is pending: the step in flight sampled it
+            assert len(known) == n - 1 and request.num_pending_tokens == 1, request
+            x.source_rows[start + n - 1] = in_flight_rows[request.request_id]
         x.positions[start : start + n] = pos
         x.slot_mapping[start : start + n] = pages[pos // page_size] * page_size + pos % page_size
         x.page_table[row, : len(pages)] = pages
@@ -254,6 +269,7 @@ def build_step_inputs(output: SchedulerOutput, bucket: Bucket, page_size: int) -
             x.repetition_penalty[row] = params.repetition_penalty
             x.presence_penalty[row] = params.presence_penalty
             x.frequency_penalty[row] = params.frequency_penalty
+            assert request.num_pending_tokens == 0, request  # a penalised row's step is synchronous
             x.history[row, :end] = request.all_token_ids
             x.history_prompt_lens[row] = request.num_prompt_tokens
             x.history_lens[row] = end

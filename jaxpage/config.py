@@ -84,6 +84,10 @@ class EngineConfig:
     # Warm-up also compiles each bucket's forward pass with logits at every token, which steps serving
     # prompt_logprobs run; otherwise the first such step compiles it (twice the forward compilations).
     warmup_prompt_logprobs: bool = False
+    # Overlapped steps: the next step is scheduled and launched before the host reads the current one's
+    # tokens, which stay on the device meanwhile, so the device never waits for the host's bookkeeping.
+    # Steps with beam searches, penalties or prompt logprobs, which need the host's tokens, run synchronously.
+    overlap_steps: bool = True
 
     def __post_init__(self):
         if self.model is not None and not (isinstance(self.model, str) and self.model):
@@ -162,6 +166,8 @@ class EngineConfig:
             raise ValueError(
                 f"engine config field max_logprobs must be an int >= 0, got {self.max_logprobs!r}"
             )
+        if not isinstance(self.overlap_steps, bool):
+            raise ValueError(f"engine config field overlap_steps must be a bool, got {self.overlap_steps!r}")
         if not isinstance(self.warmup_prompt_logprobs, bool):
             value = self.warmup_prompt_logprobs
             raise ValueError(f"engine config field warmup_prompt_logprobs must be a bool, got {value!r}")

@@ -16,6 +16,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from jaxpage.batch import (
     min_tokens_bans,
     prompt_logprob_positions,
     step_size,
+    uses_penalties,
 )
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
@@ -40,10 +42,10 @@ from jaxpage.outputs import (
 )
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
-from jaxpage.runner import Runner, StepOutput, kv_bytes_per_page
+from jaxpage.runner import LaunchedStep, Runner, StepOutput, kv_bytes_per_page
 from jaxpage.sampling import MAX_TOP_K
 from jaxpage.sampling_params import SamplingParams, sample_seed
-from jaxpage.scheduler import Scheduler
+from jaxpage.scheduler import Scheduler, SchedulerOutput
 from jaxpage.tokenizer import Tokenizer, check_text
 from models.config import ModelConfig
 from models.default_model import default_model_path
@@ -133,6 +135,7 @@ class LLMEngine:
         self._serials = itertools.count()
         self._num_steps = 0
         self._peak_used_pages = 0
+        self._in_flight: _Launched | None = None  # the overlapped step whose tokens the host has not read
         # What the next step reports besides its own rows: final outputs of aborted beam searches, and the
         # sample groups with an aborted sample.
         self._ready: list[RequestOutput] = []
@@ -382,8 +385,9 @@ class LLMEngine:
     # ---- stepping ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step; returns an output for every request that got a token, finished or not,
-        and the final outputs of requests aborted or failed since the last step."""
+        """Launches one scheduled step and reads the tokens of the step before it (with `overlap_steps`; else
+        of this one); returns an output for every request that got a token, finished or not, and the final
+        outputs of requests aborted or failed since the last call."""
         with self._lock:
             return self._step()
 
@@ -399,29 +403,63 @@ class LLMEngine:
             raise
 
     def _run_step(self, ready: list[RequestOutput], outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
+        # Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read, so the device
+        # runs N+1 while the host reads and reports N. A request that stops on step N's token wasted its row
+        # in N+1, whose sample is dropped; length limits are known ahead, so such rows are never scheduled.
         scheduled = self.scheduler.schedule()
         self._peak_used_pages = max(self._peak_used_pages, self.pool.num_used_pages)
-        if scheduled.is_empty:
+        previous, self._in_flight = self._in_flight, None
+        launched = None
+        if not scheduled.is_empty:
+            launched = self._launch(scheduled, previous)
+        elif previous is None:
             assert not self.scheduler.has_unfinished_requests, (
                 "requests are waiting but none could be scheduled"
             )
             return ready + self._group_outputs(outputs)
+        finished = []
+        if previous is not None:
+            finished += self._finish_step(previous, outputs)
+        if launched is not None:
+            if self.config.overlap_steps and not launched.needs_host:
+                self._in_flight = launched
+            else:
+                finished += self._finish_step(launched, outputs)
+        return ready + self._group_outputs(outputs) + finished
+
+    def _launch(self, scheduled: SchedulerOutput, previous: "_Launched | None") -> "_Launched":
         self._move_pages(scheduled)
         bucket = self.runner.bucket_for(*step_size(scheduled))
-        inputs = build_step_inputs(scheduled, bucket, self.config.page_size)
-        result = self.runner.step(inputs)
+        in_flight_rows = {}
+        if previous is not None:
+            items = previous.scheduled.scheduled
+            in_flight_rows = {item.request.request_id: row for row, item in enumerate(items)}
+        inputs = build_step_inputs(scheduled, bucket, self.config.page_size, in_flight_rows)
+        step = self.runner.launch(inputs)
+        self.scheduler.advance(scheduled)
         self._num_steps += 1
-        ready += self._fail_broken_rows(scheduled, result.sampled, outputs)
+        needs_host = inputs.wants_prompt_logprobs or any(
+            item.samples_token
+            and (item.request.request_id in self._beam_of or uses_penalties(item.request.sampling_params))
+            for item in scheduled.scheduled
+        )
+        return _Launched(scheduled, inputs.cu_q_lens, step, needs_host)
+
+    def _finish_step(self, launched: "_Launched", outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
+        """Reads a launched step's tokens and applies them; returns the final outputs of beam searches that
+        ended (sample groups with news are added to `outputs`)."""
+        scheduled = launched.scheduled
+        result = self.runner.fetch(launched.step)
+        finished = self._fail_broken_rows(scheduled, result.sampled, outputs)
         if result.prompt_logprobs is not None:
-            record_prompt_logprobs(scheduled, inputs.cu_q_lens, result)
+            record_prompt_logprobs(scheduled, launched.cu_q_lens, result)
         rows = {item.request.request_id: row for row, item in enumerate(scheduled.scheduled)}
-        beam_outputs = []
         for sample in self.scheduler.update_from_output(scheduled, result.sampled):
             row = rows[sample.request_id]
             beams = self._beam_of.get(sample.request_id)
             if beams is not None:
                 if self._advance_beams(beams, sample, result.sampled, row):
-                    beam_outputs.append(beam_search_output(beams, self.tokenizer))
+                    finished.append(beam_search_output(beams, self.tokenizer))
                 continue
             k = sample.sampling_params.logprobs
             if k is not None:
@@ -437,7 +475,7 @@ class LLMEngine:
             group = self._group_of[sample.request_id]
             self._update_text(sample)
             outputs[group.request_id] = group
-        return ready + self._group_outputs(outputs) + beam_outputs
+        return finished
 
     def _group_outputs(self, groups: dict[str, SampleGroup]) -> list[RequestOutput]:
         results = []
@@ -467,7 +505,7 @@ class LLMEngine:
             request = scheduled.scheduled[row].request
             if request.is_finished:
                 continue
-            position = request.num_computed_tokens + scheduled.scheduled[row].num_new_tokens - 1
+            position = scheduled.scheduled[row].first + scheduled.scheduled[row].num_new_tokens - 1
             if np.isfinite(sampled.logprobs[row]):
                 error = f"the model sampled token id {int(token_ids[row])}, outside the vocabulary"
             else:
@@ -517,7 +555,7 @@ class LLMEngine:
     def stream(self) -> Iterator[RequestOutput]:
         """Steps until no request is left, yielding outputs as they come; requests may be added or aborted
         between items, and the loop picks them up."""
-        while self.scheduler.has_unfinished_requests or self._ready or self._pending_groups:
+        while self.has_unfinished_requests() or self._ready or self._pending_groups:
             yield from self.step()
 
     def _update_text(self, request: Request) -> None:
@@ -534,17 +572,28 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class _Launched(NamedTuple):
+    """A step on the device whose tokens the host has not read yet."""
+
+    scheduled: SchedulerOutput
+    cu_q_lens: np.ndarray  # i32[B + 1] of its inputs
+    step: LaunchedStep
+    # Whether the next step's scheduling needs this step's tokens: beams (their group picks the next
+    # tokens), penalties (the next step's history) and prompt logprobs (which positions are recorded).
+    needs_host: bool
+
+
 def record_prompt_logprobs(scheduled, cu_q_lens: np.ndarray, result: StepOutput) -> None:
     """Appends to each row's `prompt_logprobs` the positions this step computed for the first time.
 
-    cu_q_lens: i32[B + 1] of the step; called before `update_from_output` moves `num_computed_tokens`.
+    cu_q_lens: i32[B + 1] of the step.
     """
     prompt = result.prompt_logprobs
     for row, item in enumerate(scheduled.scheduled):
         request = item.request
         if request.is_finished:
             continue
-        first = request.num_computed_tokens
+        first = item.first
         k = request.sampling_params.prompt_logprobs
         for q in prompt_logprob_positions(request, first, first + item.num_new_tokens):
             t = cu_q_lens[row] + q - first  # the flat token at position q, whose logits predict q + 1

@@ -35,8 +35,10 @@ class RequestStatus(enum.Enum):
 class Request:
     """Mutable state of one request, owned by the scheduler once added.
 
-    The K/V of `all_token_ids[:num_computed_tokens]` is in `page_ids`; the remaining tokens still have to run.
-    A decoding request has exactly one such token: the one it sampled last step.
+    The K/V of the first `num_computed_tokens` tokens is in `page_ids`; the remaining tokens still have to
+    run. A decoding request has exactly one such token: the one it sampled last step. With overlapped steps
+    that token may still be on the device (`num_pending_tokens`): its value reaches `output_token_ids` one
+    step late, while the next step already computes its K/V from the device's copy.
     """
 
     def __init__(
@@ -56,7 +58,9 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = []  # known on the host
+        # Tokens sampled by steps still in flight, after `output_token_ids`; 0 between synchronous steps.
+        self.num_pending_tokens = 0
         self.output_logprobs: list[float] = []
         # With sampling_params.logprobs = k: per output token, {token id: logprob} of the chosen token, then
         # the k most likely (the chosen one once), as vLLM reports them.
@@ -85,11 +89,18 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens known on the host (pending ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Every token of the request, pending ones included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Output tokens, pending ones included: what length limits and min_tokens count."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -97,6 +108,7 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens known on the host."""
         return len(self.output_token_ids)
 
     @property

@@ -52,6 +52,7 @@ FORWARD_FIELDS = (
     "kv_lens",
     "page_table",
     "logits_indices",
+    "source_rows",
 )
 
 
@@ -117,6 +118,13 @@ class StepOutput(NamedTuple):
     prompt_logprobs: PromptLogprobs | None  # numpy, every token of the bucket; None unless the step asked
 
 
+class LaunchedStep(NamedTuple):
+    """A step dispatched to the device whose results are on their way to the host (`Runner.fetch`)."""
+
+    sampled: SampledTokens  # device arrays
+    prompt_logprobs: PromptLogprobs | None
+
+
 # Sampler variants: all rows greedy, some sampled, some with penalties (the last also per history width);
 # each with or without the top `max_logprobs` tokens of every row.
 _GREEDY, _SAMPLED, _PENALISED = "greedy", "sampled", "penalised"
@@ -152,6 +160,10 @@ class Runner:
             model_config, self.num_pages, self.page_size, kv_bytes_per_page(model_config, self.page_size)
         )
         self._base_key = jax.random.key(engine_config.seed)
+        # The last step's sampled token of each row, kept on the device: a step launched before the host has
+        # read them takes its pending tokens from here (`StepInputs.source_rows`).
+        self.max_rows = self.grid.seq_buckets[-1]
+        self._last_tokens = jnp.zeros(self.max_rows, jnp.int32)
         vocab_size = model_config.vocab_size
         self.num_token_ids = vocab_size if num_token_ids is None else num_token_ids
         assert 0 < self.num_token_ids <= vocab_size, (self.num_token_ids, vocab_size)
@@ -163,8 +175,8 @@ class Runner:
             _ALL_LOGITS: jax.jit(self._forward_all_logits, donate_argnums=1),
             _DECODE: jax.jit(functools.partial(self._forward, decode_only=True), donate_argnums=1),
         }
-        self._sample_jit = jax.jit(sample, static_argnames="num_top_logprobs")
-        self._greedy_jit = jax.jit(greedy_sample, static_argnames="num_top_logprobs")
+        self._sample_jit = jax.jit(self._sample, static_argnames="num_top_logprobs")
+        self._greedy_jit = jax.jit(self._greedy_sample, static_argnames="num_top_logprobs")
         # Keyed by (bucket, forward kind) and by (rows, variant, history width, top logprobs).
         self._forward_programs: dict[tuple[Bucket, str], jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
@@ -178,14 +190,16 @@ class Runner:
 
     # ---- compilation ---------------------------------------------------------------------------------------
 
-    def _forward(self, params, kv_pool, step: dict, logits_indices=None, decode_only=False):
+    def _forward(self, params, kv_pool, step: dict, last_tokens, logits_indices=None, decode_only=False):
         metadata = AttentionMetadata(
             step["slot_mapping"], step["cu_q_lens"], step["kv_lens"], step["page_table"]
         )
         if logits_indices is None:
             logits_indices = step["logits_indices"]
+        source = step["source_rows"]
+        token_ids = jnp.where(source >= 0, last_tokens[jnp.maximum(source, 0)], step["token_ids"])
         logits, kv_pool = llama.forward(
-            params, self.model_config, step["token_ids"], step["positions"], kv_pool, metadata,
+            params, self.model_config, token_ids, step["positions"], kv_pool, metadata,
             logits_indices, attention=self.attention_backend, decode_only=decode_only,
         )  # fmt: skip
         if self.num_token_ids < logits.shape[-1]:
@@ -193,17 +207,19 @@ class Runner:
             logits = jnp.where(is_token, logits, -jnp.inf)
         return logits, kv_pool
 
-    def _forward_all_logits(self, params, kv_pool, step: dict, targets):  # targets: i32[T]
+    def _forward_all_logits(self, params, kv_pool, step: dict, last_tokens, targets):  # targets: i32[T]
         """The forward pass with logits at every token: the prompt logprobs of the step's tokens, and the
         rows' logits for sampling."""
         num_tokens = step["token_ids"].shape[0]
-        logits, kv_pool = self._forward(params, kv_pool, step, jnp.arange(num_tokens, dtype=jnp.int32))
+        all_tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+        logits, kv_pool = self._forward(params, kv_pool, step, last_tokens, all_tokens)
         prompt = prompt_logprobs(logits, targets, self.num_top_logprobs)
         return (logits[step["logits_indices"]], prompt), kv_pool
 
     def _compile_forward(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
         args = [_abstract(self.params), _abstract(self.kv_pool), _abstract(_forward_arrays(inputs))]
+        args.append(_abstract(self._last_tokens))
         if kind == _ALL_LOGITS:
             args.append(_abstract(inputs.prompt_logprob_targets))
         return self._forward_jits[kind].lower(*args).compile()
@@ -220,6 +236,17 @@ class Runner:
         rows = _abstract(_sampling_rows(inputs))
         penalties = _abstract(_penalties(inputs)) if variant == _PENALISED else None
         return self._sample_jit.lower(logits, rows, self._base_key, k, penalties).compile()
+
+    def _sample(self, logits, rows, base_key, num_top_logprobs, penalties=None):
+        out = sample(logits, rows, base_key, num_top_logprobs, penalties)
+        return out, self._as_last_tokens(out.token_ids)
+
+    def _greedy_sample(self, logits, banned_token_ids, num_top_logprobs):
+        out = greedy_sample(logits, banned_token_ids, num_top_logprobs)
+        return out, self._as_last_tokens(out.token_ids)
+
+    def _as_last_tokens(self, token_ids):  # i32[B] -> i32[max_rows], one shape for every forward program
+        return jnp.pad(token_ids, (0, self.max_rows - token_ids.shape[0]))
 
     def _forward_program(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         program = self._forward_programs.get((bucket, kind))
@@ -293,11 +320,16 @@ class Runner:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def step(self, inputs: StepInputs) -> StepOutput:
-        """Runs the forward pass of the step's bucket, updating the KV pool in place, and samples every row.
+        """Runs the step and waits for its results: `fetch(launch(inputs))`."""
+        return self.fetch(self.launch(inputs))
 
-        Returns:
-          numpy samples of all rows of the bucket (padded rows included), and the prompt logprobs of all its
-          tokens when `inputs.wants_prompt_logprobs`.
+    def launch(self, inputs: StepInputs) -> LaunchedStep:
+        """Dispatches the forward pass of the step's bucket, updating the KV pool in place, and the sampling
+        of every row, then starts copying the results to the host; returns without waiting for the device.
+
+        Steps run on the device in launch order, so a step may be launched before the previous one's results
+        are read: its pending tokens (`inputs.source_rows`) come from the previous step's samples on the
+        device, and pages freed meanwhile are rewritten only by later steps.
         """
         bucket = inputs.bucket
         assert bucket.pages_per_row in self.grid.page_buckets, bucket
@@ -309,7 +341,7 @@ class Runner:
         else:
             kind = _ROWS
         forward = self._forward_program(bucket, kind)
-        args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs))]
+        args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)), self._last_tokens]
         if all_logits:
             args.append(jax.device_put(inputs.prompt_logprob_targets))
         logits, self.kv_pool = forward(*args)
@@ -321,13 +353,27 @@ class Runner:
             history_width = inputs.history.shape[1]
             sampler = self._sample_program(inputs, _PENALISED, history_width)
             rows, penalties = jax.device_put((_sampling_rows(inputs), _penalties(inputs)))
-            out = sampler(logits, rows, self._base_key, penalties)
+            out, self._last_tokens = sampler(logits, rows, self._base_key, penalties)
         elif inputs.all_greedy:
-            out = self._sample_program(inputs, _GREEDY, 0)(logits, jax.device_put(inputs.banned_token_ids))
+            sampler = self._sample_program(inputs, _GREEDY, 0)
+            out, self._last_tokens = sampler(logits, jax.device_put(inputs.banned_token_ids))
         else:
             sampler = self._sample_program(inputs, _SAMPLED, 0)
-            out = sampler(logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None)
-        out, prompt = jax.device_get((out, prompt))
+            out, self._last_tokens = sampler(
+                logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None
+            )
+        for array in jax.tree.leaves((out, prompt)):
+            array.copy_to_host_async()
+        return LaunchedStep(out, prompt)
+
+    def fetch(self, launched: LaunchedStep) -> StepOutput:
+        """Waits for a launched step's results.
+
+        Returns:
+          numpy samples of all rows of the bucket (padded rows included), and the prompt logprobs of all its
+          tokens when the step asked for them.
+        """
+        out, prompt = jax.device_get((launched.sampled, launched.prompt_logprobs))
         return StepOutput(
             SampledTokens(*map(np.asarray, out)),
             None if prompt is None else PromptLogprobs(*map(np.asarray, prompt)),

@@ -31,19 +31,21 @@ PREEMPTION_MODES = ("recompute", "swap")
 
 @dataclasses.dataclass
 class ScheduledRequest:
-    """Row of a step: `request.all_token_ids[c : c + num_new_tokens]` run now.
+    """Row of a step: the request's tokens `first : first + num_new_tokens` run now.
 
-    `c` is `request.num_computed_tokens`. Pages for those tokens are already in `request.page_ids`.
+    `first` is `request.num_computed_tokens` when scheduled. Pages for those tokens are already in
+    `request.page_ids`.
     """
 
     request: Request
     num_new_tokens: int
+    first: int = dataclasses.field(init=False)
+    # Whether the step reaches the end of the request's tokens, so that its sampled token is kept.
+    samples_token: bool = dataclasses.field(init=False)
 
-    @property
-    def samples_token(self) -> bool:
-        """Whether the step reaches the end of the request's known tokens, so its sampled token is kept.
-        Read it before `update_from_output`, which advances `num_computed_tokens`."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self):
+        self.first = self.request.num_computed_tokens
+        self.samples_token = self.first + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclasses.dataclass
@@ -183,6 +185,7 @@ class Scheduler:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         parent = self.requests[parent_id]
+        assert parent.num_pending_tokens == 0, parent  # beams run synchronous steps
         child = Request(
             request_id,
             parent.prompt_token_ids,
@@ -218,7 +221,8 @@ class Scheduler:
         """Makes `token_id` the request's last output token in place of the one sampled for it, which is not
         computed yet (its K/V is written when the request next runs). No stop is applied to it here."""
         request = self.requests[request_id]
-        assert request.output_token_ids and request.num_computed_tokens < request.num_tokens, request
+        assert request.output_token_ids and request.num_pending_tokens == 0, request
+        assert request.num_computed_tokens < request.num_tokens, request
         request.output_token_ids[-1] = token_id
         k = request.sampling_params.logprobs
         if k is not None:
@@ -256,7 +260,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.request_id in self.held:
+            if request.request_id in self.held or self._reaches_length_limit(request):
                 i += 1
                 continue
             remaining = request.num_tokens - request.num_computed_tokens
@@ -310,10 +314,22 @@ class Scheduler:
             budget -= out.scheduled[-1].num_new_tokens
         return budget
 
+    def advance(self, output: SchedulerOutput) -> None:
+        """Marks the step's tokens computed once it is launched: each row that samples gets one pending token,
+        whose value `update_from_output` supplies. The next step may be scheduled in between (overlapped
+        steps): its rows compute the pending tokens from the device's copy."""
+        for item in output.scheduled:
+            request = item.request
+            assert request.num_computed_tokens == item.first, (request, item.first)
+            request.num_computed_tokens += item.num_new_tokens
+            if item.samples_token:
+                request.num_pending_tokens += 1
+
     def update_from_output(self, output: SchedulerOutput, sampled) -> list[Request]:
-        """Advances the requests of a finished step, offers their newly full pages to the prefix cache and
-        applies token stops (EOS, stop_token_ids, max_tokens, max_model_len, none before min_tokens); a
-        finished request's pages are free when this returns.
+        """Gives the rows of a finished step (advanced by `advance`) their sampled tokens, offers newly full
+        pages to the prefix cache and applies token stops (EOS, stop_token_ids, max_tokens, max_model_len,
+        none before min_tokens); a finished request's pages are free when this returns, and its later
+        pending tokens are dropped.
 
         Args:
           output: what `schedule` returned for the step.
@@ -326,15 +342,17 @@ class Scheduler:
         now = time.monotonic()
         for row, item in enumerate(output.scheduled):
             request = item.request
-            if request.is_finished:  # aborted after the step was scheduled; its pages are already free
+            if request.is_finished:  # aborted or stopped after the step was launched; its pages are free
                 continue
-            assert request.status == RequestStatus.RUNNING, request
-            samples_token = item.samples_token
-            request.num_computed_tokens += item.num_new_tokens
-            self._cache_full_pages(request)
-            if not samples_token:  # a prompt chunk short of the end: its sample predicts a known token
+            if not item.samples_token:  # a prompt chunk short of the end: its sample predicts a known token
+                self._cache_full_pages(request)
                 continue
+            # A request preempted after its step was launched still gets the token: it was sampled from
+            # the whole context. (Its K/V for this step is recomputed or swapped back with the rest.)
+            assert request.num_pending_tokens > 0, request
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(int(sampled.token_ids[row]))
+            self._cache_full_pages(request)
             logprob = float(sampled.logprobs[row])
             request.cumulative_logprob += logprob
             if request.sampling_params.logprobs is not None:
@@ -354,7 +372,16 @@ class Scheduler:
 
     def _is_decoding(self, request: Request) -> bool:
         pending = request.num_tokens - request.num_computed_tokens
-        return pending == 1 and request.request_id not in self.held
+        held = request.request_id in self.held
+        return pending == 1 and not held and not self._reaches_length_limit(request)
+
+    def _reaches_length_limit(self, request: Request) -> bool:
+        """Whether the request's tokens, pending ones included, already reach max_tokens or max_model_len:
+        it runs no more, and finishes when its last pending token arrives."""
+        return request.num_pending_tokens > 0 and (
+            request.num_sampled_tokens >= request.sampling_params.max_tokens
+            or request.num_tokens >= self.max_model_len
+        )
 
     def _allocate(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> bool:
         """Gives the request pages for its next `num_new` tokens, first copying a shared page it is about to
@@ -387,6 +414,8 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
         """Gives the head of the queue its pages and schedules it; False (holding nothing) if it must wait."""
+        # A request preempted while its step was in flight got that step's token before this schedule.
+        assert request.num_pending_tokens == 0, request
         if request.status == RequestStatus.SWAPPED:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             needed = max(self._pages_for(request.num_computed_tokens + num_new), request.num_swapped_pages)
@@ -453,9 +482,11 @@ class Scheduler:
         return True
 
     def _cache_full_pages(self, request: Request) -> None:
-        if not self.pool.enable_prefix_caching:
+        if not self.pool.enable_prefix_caching or request.status != RequestStatus.RUNNING:
             return
-        num_full = request.num_computed_tokens // self.page_size
+        # Computed tokens are known once the pending ones before them arrived; a page whose K/V a step in
+        # flight still writes is read only by later steps, which the device runs after it.
+        num_full = min(request.num_computed_tokens, len(request.all_token_ids)) // self.page_size
         if num_full <= request.num_registered_pages:
             return
         if len(request.page_keys) < num_full:
@@ -490,13 +521,15 @@ class Scheduler:
         self.waiting.appendleft(request)  # victims are taken newest first, so the oldest ends up at the head
 
     def _stop_status(self, request: Request) -> RequestStatus | None:
+        """Applied to the last known token (pending tokens after it do not count)."""
         token = request.output_token_ids[-1]
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens and (
             (not params.ignore_eos and token in request.eos_token_ids) or token in params.stop_token_ids
         ):
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        num_known = request.num_prompt_tokens + request.num_output_tokens
+        if request.num_output_tokens >= params.max_tokens or num_known >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -510,6 +543,7 @@ class Scheduler:
             request.num_swapped_pages = 0
         self.pool.free(request.page_ids[::-1])
         request.page_ids = []
+        request.num_pending_tokens = 0  # sampled after its end: never reported
         request.status = status
         request.finished_time = time.monotonic()
         del self.requests[request.request_id]

@@ -195,6 +195,7 @@ def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
     slots = stored = 0
     while scheduler.has_unfinished_requests:
         output = scheduler.schedule()
+        scheduler.advance(output)
         scheduler.update_from_output(output, _NoSamples(len(output.scheduled)))
         step_slots, step_stored = kv_occupancy(scheduler.running, config.page_size)
         slots += step_slots

@@ -221,6 +221,7 @@ def serve(groups, plain, *, num_pages, page_size, max_num_seqs, budget, mode="re
             )
             token_ids.append(int(ids[0]))
             logprobs.append(float(lps[0]))
+        sched.advance(out)
         for request in sched.update_from_output(out, Samples(token_ids, logprobs)):
             if request.request_id in candidates:
                 group = by_id[request.request_id.partition("#beam")[0]]
@@ -311,6 +312,7 @@ def test_aborting_a_beam_group_mid_search_frees_every_page():
             top(toy_logprobs(i.request.all_token_ids[: i.request.num_computed_tokens + i.num_new_tokens]), 8)
             for i in out.scheduled
         ]
+        sched.advance(out)
         updated = sched.update_from_output(
             out, Samples([int(r[0][0]) for r in rows], [r[1][0] for r in rows])
         )

@@ -22,7 +22,9 @@ def test_a_4k_prompt_never_stops_16_decoding_requests():
     for request in decoders:
         sched.add_request(request)
     out = sched.schedule()  # the 16 short prompts are prefilled together
-    sched.update_from_output(out, model.step(out))
+    samples = model.step(out)
+    sched.advance(out)
+    sched.update_from_output(out, samples)
     assert all(r.num_output_tokens == 1 for r in decoders)
 
     long_prompt = [(7 * j) % 47 + 1 for j in range(4096)]
@@ -33,7 +35,9 @@ def test_a_4k_prompt_never_stops_16_decoding_requests():
         before = [r.num_output_tokens for r in decoders]
         out = sched.schedule()
         assert out.num_scheduled_tokens <= BUDGET
-        sched.update_from_output(out, model.step(out))
+        samples = model.step(out)
+        sched.advance(out)
+        sched.update_from_output(out, samples)
         steps += 1
         assert [r.num_output_tokens for r in decoders] == [b + 1 for b in before], (
             f"a decode stalled at {steps}"
@@ -42,7 +46,9 @@ def test_a_4k_prompt_never_stops_16_decoding_requests():
     assert steps == -(-4096 // (BUDGET - 16))
     while sched.has_unfinished_requests:
         out = sched.schedule()
-        sched.update_from_output(out, model.step(out))
+        samples = model.step(out)
+        sched.advance(out)
+        sched.update_from_output(out, samples)
     for request in [*decoders, long]:
         assert (
             request.output_token_ids

@@ -157,17 +157,19 @@ def test_abort_frees_a_running_request_at_once(llm):
     engine = llm.engine
     kept = engine.add_request("Hello", SamplingParams(max_tokens=6, temperature=0))
     dropped = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0))
-    engine.step()
-    engine.step()
+    reported = {}  # request id -> tokens reported so far
+    for _ in range(3):
+        reported |= {o.request_id: o.outputs[0].token_ids for o in engine.step()}
     used = engine.pool.num_used_pages
     assert engine.abort(dropped)
     assert engine.pool.num_used_pages < used
     finished = {o.request_id: o for o in engine.stream() if o.finished}
     assert sorted(finished) == sorted([kept, dropped])
     assert finished[kept].outputs[0].finish_reason == "length"
-    # The aborted request's final output comes with the next step, with the tokens it had.
+    # The aborted request's final output comes with the next step, with the tokens reported before (a token
+    # still on the device when the abort came is dropped).
     aborted = finished[dropped].outputs[0]
-    assert aborted.finish_reason == "abort" and len(aborted.token_ids) == 2
+    assert aborted.finish_reason == "abort" and aborted.token_ids == reported[dropped] and reported[dropped]
     assert not engine.abort(dropped)  # no longer in flight
 
 

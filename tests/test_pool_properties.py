@@ -105,7 +105,9 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
             return
         assert not any(item.request.request_id in sched.held for item in out.scheduled)
         assert out.num_scheduled_tokens <= max_num_batched_tokens and len(out.scheduled) <= max_num_seqs
-        sched.update_from_output(out, model.step(out, salt))
+        samples = model.step(out, salt)
+        sched.advance(out)
+        sched.update_from_output(out, samples)
 
     for index, (op, prefix, suffix, n, max_tokens, which) in enumerate(ops):
         if op == "add":

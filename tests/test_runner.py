@@ -81,6 +81,7 @@ def _serve(
         result = runner.step(inputs)
         if result.prompt_logprobs is not None:
             record_prompt_logprobs(output, inputs.cu_q_lens, result)
+        scheduler.advance(output)
         scheduler.update_from_output(output, result.sampled)
         steps += 1
         if steps == abort_after:

@@ -45,7 +45,9 @@ def run_to_completion(sched, model, check_each_step=True, max_steps=10_000):
             return steps
         output = sched.schedule()
         assert not output.is_empty, "unfinished requests but nothing scheduled: a deadlock"
-        sched.update_from_output(output, model.step(output, sched.max_num_batched_tokens, sched.max_num_seqs))
+        samples = model.step(output, sched.max_num_batched_tokens, sched.max_num_seqs)
+        sched.advance(output)
+        sched.update_from_output(output, samples)
         steps.append(output)
         if check_each_step:
             check_invariants(sched)
@@ -108,7 +110,9 @@ def test_finished_request_frees_its_row_for_a_waiting_one_in_the_same_step():
     sched.add_request(second)
     out = sched.schedule()
     assert [s.request for s in out.scheduled] == [first]
-    sched.update_from_output(out, model.step(out, 32, 1))
+    samples = model.step(out, 32, 1)
+    sched.advance(out)
+    sched.update_from_output(out, samples)
     assert first.status == RequestStatus.FINISHED_LENGTH
     assert [s.request for s in sched.schedule().scheduled] == [second]
 
@@ -180,7 +184,9 @@ def test_abort_frees_pages_of_running_and_waiting_requests():
     sched.add_request(running)
     sched.add_request(waiting)
     out = sched.schedule()
-    sched.update_from_output(out, model.step(out, 32, 1))
+    samples = model.step(out, 32, 1)
+    sched.advance(out)
+    sched.update_from_output(out, samples)
     assert running.page_ids
     assert sched.finish_request("r0", RequestStatus.FINISHED_ABORTED) is running
     assert sched.finish_request("r1", RequestStatus.FINISHED_ABORTED) is waiting
@@ -195,6 +201,7 @@ def test_request_aborted_mid_step_drops_its_sample():
     sched.add_request(request)
     out = sched.schedule()
     samples = model.step(out, 32, 8)
+    sched.advance(out)
     sched.finish_request("r0", RequestStatus.FINISHED_ABORTED)
     assert sched.update_from_output(out, samples) == [] and request.output_token_ids == []
 
@@ -248,7 +255,9 @@ def test_any_workload_matches_unbatched_outputs_and_returns_every_page(
                 assert request.request_id not in sched.requests
         elif op == "step" and sched.has_unfinished_requests:
             out = sched.schedule()
-            sched.update_from_output(out, model.step(out, max_num_batched_tokens, max_num_seqs))
+            samples = model.step(out, max_num_batched_tokens, max_num_seqs)
+            sched.advance(out)
+            sched.update_from_output(out, samples)
         elif op == "abort" and added:
             victim = added[arg % len(added)]
             if sched.finish_request(victim.request_id, RequestStatus.FINISHED_ABORTED) is not None:
@@ -278,7 +287,9 @@ def test_any_workload_matches_unbatched_outputs_and_returns_every_page(
 
 def step(sched, model):
     out = sched.schedule()
-    sched.update_from_output(out, model.step(out, sched.max_num_batched_tokens, sched.max_num_seqs))
+    samples = model.step(out, sched.max_num_batched_tokens, sched.max_num_seqs)
+    sched.advance(out)
+    sched.update_from_output(out, samples)
     check_invariants(sched)
     return out
 
