@@ -206,8 +206,8 @@ class BeamGroup:
     `key` (default: the request id) is the engine's internal name of the request.
 
     After each step, `update` takes a beam's candidates; the beam is held until the rest of the group has
-    theirs, then the round is applied: every beam that goes on replaces its pending token with its chosen one,
-    a beam with several continuations forks (sharing its pages), and the others are finished.
+    theirs, then the round is applied: every beam that goes on replaces its uncomputed last token with its
+    chosen one, a beam with several continuations forks (sharing its pages), and the others are finished.
     """
 
     def __init__(
@@ -248,7 +248,7 @@ class BeamGroup:
 
     def update(self, scheduler: Scheduler, request: Request, top_token_ids, top_logprobs) -> list[str]:
         """Takes the candidates (i32[K], f32[K]) sampled for `request`, one of the group's, in the step that
-        computed its pending token; call it after `scheduler.update_from_output`.
+        computed its last token; call it after `scheduler.update_from_output`.
 
         Returns:
           The ids of the requests it ended (a swapped one's host copy can go).

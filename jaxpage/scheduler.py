@@ -13,7 +13,7 @@ they are copied to host memory and back. The device copies are listed in `Schedu
 runs them before the step, in the order swap out, swap in, copies.
 
 Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
-request's pages and tokens), `replace_last_token` (the pending token, sampled but not yet computed, becomes
+request's pages and tokens), `replace_last_token` (the last token, sampled but not yet computed, becomes
 another candidate) and `hold`/`release` (a beam that has its candidates waits, unscheduled, until its
 siblings have theirs). A held request is never scheduled, but it can be preempted; when nothing else can run,
 held requests give their pages and rows up, newest first, so a group of beams never waits on itself.
