@@ -6,6 +6,7 @@ whichever call's step produced them.
 """
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -103,7 +104,8 @@ class LLM:
         Raises:
           ValueError naming the prompt's index and the field, before anything runs, if a prompt is unusable.
         """
-        request_ids = self._add(prompts, sampling_params)
+        # Only the final outputs are read: the engine then builds no per-step outputs (see output_kind).
+        request_ids = self._add(prompts, sampling_params, output_kind="final_only")
         finals = {output.request_id: output for output in self._run(request_ids) if output.finished}
         return [finals[request_id] for request_id in request_ids]
 
@@ -168,7 +170,8 @@ class LLM:
                 mailbox.clear()
             return taken
 
-    def _add(self, prompts, sampling_params) -> list[str]:
+    def _add(self, prompts, sampling_params, output_kind: str | None = None) -> list[str]:
+        """Queues the prompts; output_kind, when given, replaces that of every prompt's parameters."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
@@ -183,6 +186,13 @@ class LLM:
                 "sampling_params must be a SamplingParams, a list of them (one per prompt) or None, got "
                 f"{type(sampling_params).__name__} {sampling_params!r:.200}"
             )
+        if output_kind is not None:
+            params_list = [
+                dataclasses.replace(p or SamplingParams(), output_kind=output_kind)
+                if p is None or isinstance(p, SamplingParams)
+                else p  # refused below, naming the prompt
+                for p in params_list
+            ]
         request_ids = []
         try:
             for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):

@@ -16,8 +16,9 @@ from jaxpage.tokenizer import IncrementalDetokenizer, Tokenizer
 @dataclasses.dataclass
 class CompletionOutput:
     index: int  # which sample of the request (0 .. best_of - 1)
-    text: str  # everything released so far; special tokens left out, a matched stop string cut off
-    token_ids: list[int]  # every generated token, including the EOS or stop token that ended generation
+    # text, token_ids and logprobs hold everything so far, or with output_kind "delta" what this output added.
+    text: str  # released text; special tokens left out, a matched stop string cut off
+    token_ids: list[int]  # generated tokens, including the EOS or stop token that ended generation
     finish_reason: str | None  # "stop", "length", "abort", "error"; None while generating
     # With logprobs = k: per token of token_ids, {token id: logprob} of that token first, then of the k most
     # likely (the chosen one appears once), from the model's unmodified distribution; else None.
@@ -35,7 +36,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics  # of sample 0
     # With prompt_logprobs = k: per prompt token the same dicts as CompletionOutput.logprobs, None for the
-    # first token (nothing precedes it); else None.
+    # first token (nothing precedes it); else None. With output_kind "delta", only in the first output.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # Why the request failed (its finish reasons are then "error"), e.g. non-finite logits; else None.
     error: str | None = None
@@ -54,6 +55,10 @@ class TextState:
         )
         self.stop = request.sampling_params.stop
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        # No one reads a final-only request's text before it ends, and without stop strings nothing depends
+        # on it: its tokens are detokenized in one go at the end (the same text for byte-level BPE
+        # tokenizers, where decoding is concatenation; tests/test_outputs.py checks SmolLM2's).
+        self.deferred = request.sampling_params.output_kind == "final_only" and not self.stop
         self.text = ""
         self.released = 0  # characters of text already handed out
         self.num_tokens = 0  # output tokens already detokenized
@@ -61,6 +66,8 @@ class TextState:
     def update(self, token_ids: list[int], finished: bool, check_stop: bool = True) -> bool:
         """Feeds the request's output tokens (all of them; the new ones are taken); True if a stop string
         now appears in the text (looked for only when `check_stop`), which is then cut where it starts."""
+        if self.deferred and not finished:
+            return False
         start = max(0, len(self.text) - self.holdback)  # a match must end in the new text
         self.text += self.detokenizer.add(token_ids[self.num_tokens :])
         self.num_tokens = len(token_ids)
@@ -94,14 +101,17 @@ class SampleGroup:
         self.samples = samples
         self.reported = [0] * len(samples)  # output tokens of each sample already reported
         self.error: str | None = None  # set when the request failed on the device
+        self.num_reports = 0  # outputs returned so far
 
     def output(self, texts: dict[str, TextState]) -> RequestOutput | None:
-        """The request's output now; None while best_of > n is still generating (the best are unknown)."""
+        """The request's output now, as its `output_kind` asks; None while it has nothing to report: a
+        final-only request, or best_of > n samples (the best are unknown), still generating."""
         finished = all(sample.is_finished for sample in self.samples)
+        delta = self.params.output_kind == "delta"
+        if not finished and (self.params.output_kind == "final_only" or len(self.samples) > self.params.n):
+            return None
         chosen = list(range(len(self.samples)))
         if len(self.samples) > self.params.n:
-            if not finished:
-                return None
             # The best completed samples; one cut short (aborted, failed) only where too few completed.
             cut_short = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
             short = [self.samples[i].status in cut_short for i in chosen]
@@ -114,27 +124,34 @@ class SampleGroup:
             before = self.reported[index]
             self.reported[index] = sample.num_output_tokens
             new_text = text.release(sample.is_finished)
-            wants_logprobs = sample.sampling_params.logprobs is not None
+            new_token_ids = sample.output_token_ids[before:]
+            logprobs = None
+            if sample.sampling_params.logprobs is not None:
+                logprobs = sample.output_top_logprobs[before:] if delta else list(sample.output_top_logprobs)
             completions.append(
                 CompletionOutput(
                     index=index,
-                    text=text.text[: text.released],
-                    token_ids=list(sample.output_token_ids),
+                    text=new_text if delta else text.text[: text.released],
+                    token_ids=new_token_ids if delta else list(sample.output_token_ids),
                     finish_reason=sample.status.finish_reason,
-                    logprobs=list(sample.output_top_logprobs) if wants_logprobs else None,
+                    logprobs=logprobs,
                     new_text=new_text,
-                    new_token_ids=sample.output_token_ids[before:],
+                    new_token_ids=new_token_ids,
                     cumulative_logprob=sample.cumulative_logprob,
                 )
             )
         first = self.samples[0]
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None and not (delta and self.num_reports):
+            prompt_logprobs = list(first.prompt_logprobs)  # with "delta", in the first output only
+        self.num_reports += 1
         return RequestOutput(
             self.request_id,
             first.prompt_token_ids,
             completions,
             finished,
             request_metrics(first),
-            list(first.prompt_logprobs) if self.params.prompt_logprobs is not None else None,
+            prompt_logprobs,
             self.error,
         )
 

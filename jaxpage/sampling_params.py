@@ -6,6 +6,9 @@ import zlib
 import numpy as np
 
 _SEED_LIMIT = 2**32  # seeds travel to the device as u32
+# What each step's RequestOutput holds (vLLM's RequestOutputKind): everything so far, only what the step
+# added, or nothing until the request finishes (batch work: no per-step outputs, text detokenized once).
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # The device samples in float32: a value is accepted only if it keeps its meaning there. Below the smallest
 # normal float32, XLA flushes to 0 (top_p 1e-40 would become 0); above the largest, it becomes inf.
 _F32_TINY = float(np.finfo(np.float32).tiny)
@@ -67,6 +70,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam score: cumulative logprob / length ** length_penalty
     early_stopping: bool | str = False  # True, False or "never": see jaxpage/beam_search.py
+    output_kind: str = "cumulative"  # one of OUTPUT_KINDS
 
     def __post_init__(self):
         # Normalise the convenient spellings first so the stored value has one type.
@@ -140,6 +144,8 @@ class SamplingParams:
                 f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], "
                 f"got {lp!r}"
             )
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.use_beam_search:
             self._check_beam_search()
 

@@ -23,6 +23,8 @@ import collections
 import dataclasses
 import time
 
+import numpy as np
+
 from jaxpage.page_pool import PagePool, page_hashes
 from jaxpage.request import Request, RequestStatus
 
@@ -340,6 +342,8 @@ class Scheduler:
         """
         updated = []
         now = time.monotonic()
+        # Python ints and floats, converted once for all rows.
+        token_ids, logprobs = np.asarray(sampled.token_ids).tolist(), np.asarray(sampled.logprobs).tolist()
         for row, item in enumerate(output.scheduled):
             request = item.request
             if request.is_finished:  # aborted or stopped after the step was launched; its pages are free
@@ -351,9 +355,9 @@ class Scheduler:
             # the whole context. (Its K/V for this step is recomputed or swapped back with the rest.)
             assert request.num_pending_tokens > 0, request
             request.num_pending_tokens -= 1
-            request.output_token_ids.append(int(sampled.token_ids[row]))
+            request.output_token_ids.append(token_ids[row])
             self._cache_full_pages(request)
-            logprob = float(sampled.logprobs[row])
+            logprob = logprobs[row]
             request.cumulative_logprob += logprob
             if request.sampling_params.logprobs is not None:
                 request.output_logprobs.append(logprob)
@@ -486,7 +490,8 @@ class Scheduler:
             return
         # Computed tokens are known once the pending ones before them arrived; a page whose K/V a step in
         # flight still writes is read only by later steps, which the device runs after it.
-        num_full = min(request.num_computed_tokens, len(request.all_token_ids)) // self.page_size
+        num_known = request.num_prompt_tokens + request.num_output_tokens
+        num_full = min(request.num_computed_tokens, num_known) // self.page_size
         if num_full <= request.num_registered_pages:
             return
         if len(request.page_keys) < num_full:

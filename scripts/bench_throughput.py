@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from step_timeline import StepTimeline, describe
 
 from jaxpage import SamplingParams, gin_config
 from jaxpage.engine import LLMEngine
@@ -123,20 +125,20 @@ def synthetic_workload(vocab_size: int, num_prompts: int, rng: np.random.Generat
 def run_engine(engine: LLMEngine, workload: Workload) -> dict:
     """Serves the workload; returns its timings, KV page statistics and output token ids."""
     page_size = engine.config.page_size
+    timeline = StepTimeline(engine.runner)
     start = time.perf_counter()
     ids = []
     for prompt, output_len in zip(workload.prompt_token_ids, workload.output_lens, strict=True):
-        params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0.0)
+        params = SamplingParams(
+            max_tokens=output_len, min_tokens=output_len, temperature=0.0, output_kind="final_only"
+        )
         ids.append(engine.add_request(prompt, params))
-    first, finish, outputs = {}, {}, {}
+    metrics, outputs = {}, {}
     slots = stored = peak_pages = peak_running = steps = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
-            now = time.perf_counter()
-            first.setdefault(output.request_id, now)
-            if output.finished:
-                finish[output.request_id] = now
-                outputs[output.request_id] = output.outputs[0].token_ids
+            metrics[output.request_id] = output.metrics  # final only: every output is a finished one
+            outputs[output.request_id] = output.outputs[0].token_ids
         step_slots, step_stored = kv_occupancy(engine.scheduler.running, page_size)
         slots += step_slots
         stored += step_stored
@@ -144,25 +146,39 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         peak_running = max(peak_running, len(engine.scheduler.running))
         steps += 1
     seconds = time.perf_counter() - start
+    steps_on_device = timeline.close()
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages, "pages leaked"
 
     num_out = sum(workload.output_lens)
-    tpot = [(finish[i] - first[i]) / (n - 1) for i, n in zip(ids, workload.output_lens, strict=True) if n > 1]
+    ttft = [metrics[i].ttft for i in ids]
+    tpot = [metrics[i].tpot for i in ids if metrics[i].tpot is not None]
     return {
         "seconds": seconds,
         "steps": steps,
         "requests_per_s": len(ids) / seconds,
         "output_tokens_per_s": num_out / seconds,
         "total_tokens_per_s": (num_out + sum(map(len, workload.prompt_token_ids))) / seconds,
-        "mean_ttft_s": float(np.mean([first[i] - start for i in ids])),
-        "mean_tpot_s": float(np.mean(tpot)) if tpot else None,
+        **_summary("ttft_s", ttft),
+        **_summary("tpot_s", tpot),
         "kv_waste": (slots - stored) / stored if stored else 0.0,
         "kv_slots_allocated": slots,
         "kv_tokens_stored": stored,
         "kv_peak_pages": peak_pages,
         "peak_running_requests": peak_running,
         "kv_pool_pages": engine.pool.num_usable_pages,
+        "device_timeline": steps_on_device,
         "outputs": [outputs[i] for i in ids],
+    }
+
+
+def _summary(name: str, values: list[float]) -> dict:
+    """Mean, p50 and p99 of a latency (None without values)."""
+    if not values:
+        return {f"{stat}_{name}": None for stat in ("mean", "p50", "p99")}
+    return {
+        f"mean_{name}": float(np.mean(values)),
+        f"p50_{name}": float(np.percentile(values, 50)),
+        f"p99_{name}": float(np.percentile(values, 99)),
     }
 
 
@@ -261,7 +277,7 @@ def main(argv):
     prompt_lens = [len(p) for p in workload.prompt_token_ids]
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # quoted: it can be pasted and rerun
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "host": platform.processor() or platform.machine(),
@@ -296,6 +312,10 @@ def main(argv):
     print(f"written to {path}")
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
 def summary(record: dict) -> str:
     e = record["engine"]
     lines = [
@@ -305,9 +325,12 @@ def summary(record: dict) -> str:
         f"warm-up: {record['warmup']['buckets']} buckets compiled in "
         f"{record['warmup']['compile_seconds']:.1f} s (thread seconds)",
         f"jaxpage: {e['seconds']:.1f} s, {e['requests_per_s']:.2f} req/s, "
-        f"{e['output_tokens_per_s']:.1f} output tok/s, mean TTFT {e['mean_ttft_s']:.2f} s, "
-        f"mean TPOT {1e3 * (e['mean_tpot_s'] or 0):.1f} ms, {e['steps']} steps, "
+        f"{e['output_tokens_per_s']:.1f} output tok/s, {e['total_tokens_per_s']:.1f} total tok/s, "
+        f"TTFT mean/p50/p99 {e['mean_ttft_s']:.2f}/{e['p50_ttft_s']:.2f}/{e['p99_ttft_s']:.2f} s, "
+        f"TPOT mean/p50/p99 {_ms(e['mean_tpot_s'])}/{_ms(e['p50_tpot_s'])}/{_ms(e['p99_tpot_s'])} ms, "
+        f"{e['steps']} steps, "
         f"peak {e.get('peak_running_requests', '?')} requests running at once",
+        describe(e["device_timeline"]),
         f"KV pages: peak {e['kv_peak_pages']} of {e['kv_pool_pages']}; waste {100 * e['kv_waste']:.2f}% "
         f"({e['kv_slots_allocated'] - e['kv_tokens_stored']} idle slots per {e['kv_tokens_stored']} "
         "stored tokens, summed over steps)",

@@ -46,7 +46,8 @@ from tqdm import tqdm
 from jaxpage import LLM, SamplingParams, gin_config
 
 DEFAULT_GIN_FILE = str(Path(__file__).resolve().parent.parent / "configs" / "smollm2_135m.gin")
-SAMPLING_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
+# A row holds a request's final output only, so its output_kind is the engine's business, not the line's.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "output_kind")
 FIELDS = ("id", "prompt", "messages", *SAMPLING_FIELDS)
 
 FLAGS = flags.FLAGS
@@ -105,7 +106,8 @@ def request_kwargs(line: dict) -> dict:
         raise ValueError("give exactly one of the fields prompt and messages")
     if "prompt" in line and not isinstance(line["prompt"], str):
         raise ValueError(f"prompt must be a string, got {line['prompt']!r}")
-    params = SamplingParams(**{name: line[name] for name in SAMPLING_FIELDS if name in line})
+    fields = {name: line[name] for name in SAMPLING_FIELDS if name in line}
+    params = SamplingParams(**fields, output_kind="final_only")
     return {"prompt": line.get("prompt"), "messages": line.get("messages"), "sampling_params": params}
 
 

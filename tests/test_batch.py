@@ -214,3 +214,67 @@ def test_prompt_logprob_targets_are_the_next_prompt_tokens_of_the_rows_that_ask(
         Bucket(16, 4, 2),
         PAGE,
     ).wants_prompt_logprobs
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_each_row_is_packed_as_its_request_says(data):
+    """Row by row, the arrays say what the row's request does; padded rows are empty. Covers prefill chunks,
+    decode rows whose last token is pending on the device, min_tokens bans and sampling parameters."""
+    free = list(range(1, 200))
+    data.draw(st.randoms(use_true_random=False)).shuffle(free)
+    in_flight_rows, rows = {}, []
+    num_rows = data.draw(st.integers(1, 6))
+    for i in range(num_rows):
+        prompt = data.draw(st.lists(st.integers(1, 999), min_size=1, max_size=20))
+        output = data.draw(st.lists(st.integers(1, 999), max_size=6))
+        pending = bool(output) and data.draw(st.booleans())  # the last output token is still on the device
+        total = len(prompt) + len(output)
+        computed = total - 1 if pending else data.draw(st.integers(0, total - 1))
+        params = dict(
+            temperature=data.draw(st.sampled_from([0.0, 0.7])),
+            top_k=data.draw(st.integers(0, 5)),
+            min_tokens=data.draw(st.integers(0, 8)),
+            stop_token_ids=data.draw(st.lists(st.integers(1, 50), max_size=3)),
+            seed=data.draw(st.one_of(st.none(), st.integers(0, 99))),
+        )
+        request = Request(str(i), prompt, SamplingParams(max_tokens=20, **params), frozenset({3}))
+        request.output_token_ids = output[:-1] if pending else output
+        request.num_pending_tokens = int(pending)
+        request.num_computed_tokens = computed
+        request.page_ids = [free.pop() for _ in range(-(-total // PAGE))]
+        if pending:
+            in_flight_rows[request.request_id] = data.draw(st.integers(0, 7))
+        num_new = 1 if pending else data.draw(st.integers(1, total - computed))  # a chunk may stop short
+        rows.append((request, output, num_new))
+    x = build_step_inputs(_step(*[(r, n) for r, _, n in rows]), Bucket(128, 8, 8), PAGE, in_flight_rows)
+
+    start = 0
+    for b, (request, output, n) in enumerate(rows):
+        first, end = request.num_computed_tokens, request.num_computed_tokens + n
+        tokens = request.prompt_token_ids + output
+        assert (x.cu_q_lens[b], x.cu_q_lens[b + 1]) == (start, start + n)
+        assert x.kv_lens[b] == x.sample_positions[b] == end and x.logits_indices[b] == start + n - 1
+        assert x.page_table[b].tolist() == request.page_ids + [0] * (8 - len(request.page_ids))
+        for t, pos in zip(range(start, start + n), range(first, end), strict=True):
+            assert x.positions[t] == pos
+            assert x.slot_mapping[t] == request.page_ids[pos // PAGE] * PAGE + pos % PAGE
+            if request.num_pending_tokens and pos == end - 1:
+                assert (x.token_ids[t], x.source_rows[t]) == (0, in_flight_rows[request.request_id])
+            else:
+                assert (x.token_ids[t], x.source_rows[t]) == (tokens[pos], -1)
+        params = request.sampling_params
+        assert (x.temperature[b], x.top_k[b], x.seeds[b]) == (
+            np.float32(params.temperature),
+            params.top_k,
+            request_seed(request),
+        )
+        samples = end == request.num_tokens
+        expected_bans = (
+            sorted({3, *params.stop_token_ids}) if samples and len(output) < params.min_tokens else []
+        )
+        assert [t for t in x.banned_token_ids[b].tolist() if t != NO_TOKEN] == expected_bans
+        start += n
+    assert np.all(x.cu_q_lens[num_rows:] == start) and np.all(x.kv_lens[num_rows:] == 0)
+    assert np.all(x.page_table[num_rows:] == 0) and np.all(x.source_rows[start:] == -1)
+    assert np.all(x.token_ids[start:] == 0) and np.all(x.slot_mapping[start:] == 0)

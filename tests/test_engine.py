@@ -1,6 +1,8 @@
 """The engine and `LLM.generate` on the tiny random model (configs/tiny_test.gin), and on SmolLM2 where words
 matter. Every test ends with the page pool as full as it started."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from dense_reference import assert_top_logprobs, dense_log_softmax, dense_logits
@@ -67,6 +69,51 @@ def test_stream_deltas_add_up_to_the_final_output(llm):
     assert len(finals) == 2
     for request_id, completion in finals.items():
         assert (texts[request_id], ids[request_id]) == (completion.text, completion.token_ids)
+
+
+def _completions_of_each_kind(llm, prompts, params, kind):
+    """Every output of generate_stream for the prompts, with params of this output_kind."""
+    kind_params = [dataclasses.replace(p, output_kind=kind) for p in params]
+    return list(llm.generate_stream(prompts, kind_params))
+
+
+def test_output_kinds_deliver_the_same_completions(llm):
+    prompts = ["Paging is", "Hello", "1 2 3"]
+    params = [
+        SamplingParams(max_tokens=14, temperature=0, stop="ing", logprobs=2),
+        SamplingParams(max_tokens=9, temperature=0.8, seed=3, n=2, prompt_logprobs=1),
+        SamplingParams(
+            max_tokens=11, temperature=0
+        ),  # no stop strings: final-only text is decoded at the end
+    ]
+    cumulative = _completions_of_each_kind(llm, prompts, params, "cumulative")
+    finals = {o.request_id: o for o in cumulative if o.finished}
+    by_prompt = lambda outputs: sorted(outputs, key=lambda o: o.prompt_token_ids)  # noqa: E731
+
+    final_only = _completions_of_each_kind(llm, prompts, params, "final_only")
+    assert all(o.finished for o in final_only) and len(final_only) == len(prompts)
+    # new_text and new_token_ids are what each output added: a final-only output's are the whole completion.
+    whole = lambda c: (c.text, c.token_ids, c.logprobs, c.finish_reason, c.cumulative_logprob)  # noqa: E731
+    for got, want in zip(by_prompt(final_only), by_prompt(finals.values()), strict=True):
+        assert [whole(c) for c in got.outputs] == [whole(c) for c in want.outputs]
+        assert got.prompt_logprobs == want.prompt_logprobs
+        assert all((c.new_text, c.new_token_ids) == (c.text, c.token_ids) for c in got.outputs)
+
+    delta = _completions_of_each_kind(llm, prompts, params, "delta")
+    for want in finals.values():
+        mine = [o for o in delta if o.prompt_token_ids == want.prompt_token_ids]
+        assert mine[-1].finished and not any(o.finished for o in mine[:-1])
+        assert [o.prompt_logprobs is not None for o in mine] == [want.prompt_logprobs is not None] + [
+            False
+        ] * (len(mine) - 1)
+        for index, completion in enumerate(want.outputs):
+            parts = [o.outputs[index] for o in mine]
+            assert "".join(p.text for p in parts) == completion.text
+            assert sum((p.token_ids for p in parts), []) == completion.token_ids
+            assert all(p.text == p.new_text and p.token_ids == p.new_token_ids for p in parts)
+            if completion.logprobs is not None:
+                assert sum((p.logprobs for p in parts), []) == completion.logprobs
+            assert parts[-1].finish_reason == completion.finish_reason
 
 
 def test_stop_token_is_kept_in_token_ids(llm):

@@ -61,6 +61,7 @@ PLAUSIBLE = {
     "use_beam_search": st.booleans(),
     "length_penalty": st.sampled_from([1.0, 0.5, -2.0, 1e300]),
     "early_stopping": st.sampled_from([True, False, "never", "sometimes"]),
+    "output_kind": st.sampled_from(["cumulative", "delta", "final_only", "stream"]),
 }
 assert set(PLAUSIBLE) == set(FIELDS)
 sampling_kwargs = st.fixed_dictionaries(

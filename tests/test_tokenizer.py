@@ -9,6 +9,8 @@ import gguf
 import pytest
 import tokenizers
 from hf_referee import PROMPTS, hf_python, hf_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import decoders, pre_tokenizers
 
 from jaxpage.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -138,6 +140,25 @@ def test_incremental_detokenizer_holds_back_split_emoji(smollm2):
     cut = IncrementalDetokenizer(smollm2)
     assert cut.add(emoji[:2]) == ""
     assert cut.flush() == "\ufffd", "an unfinished character comes out as U+FFFD only at the end"
+
+
+# Ids of SmolLM2's vocabulary, biased to the byte tokens (which split characters) and the special ones.
+_token_ids = st.one_of(st.integers(0, 49151), st.integers(0, 300), st.integers(0, 16))
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompt=st.lists(_token_ids, min_size=1, max_size=6), output=st.lists(_token_ids, max_size=30))
+def test_detokenizing_at_once_gives_the_text_of_detokenizing_token_by_token(smollm2, prompt, output):
+    # A final-only request without stop strings is detokenized in one go at its end (outputs.TextState):
+    # that must give the text a stream of the same tokens gives.
+    stream = IncrementalDetokenizer(smollm2, prompt)
+    for token_id in output:
+        stream.add([token_id])
+    stream.flush()
+    at_once = IncrementalDetokenizer(smollm2, prompt)
+    at_once.add(output)
+    at_once.flush()
+    assert at_once.text == stream.text
 
 
 def test_incremental_detokenizer_skips_special_tokens(smollm2):
