@@ -88,6 +88,10 @@ class EngineConfig:
     # tokens, which stay on the device meanwhile, so the device never waits for the host's bookkeeping.
     # Steps with beam searches, penalties or prompt logprobs, which need the host's tokens, run synchronously.
     overlap_steps: bool = True
+    # A step that needs a forward or sampling program warm-up did not build: "warn" (compile it, with a
+    # warning) or "error" (raise RuntimeError rather than stall serving on a compile; for benchmarks and
+    # deployments that must never compile mid-run).
+    compile_after_warmup: str = "warn"
 
     def __post_init__(self):
         if self.model is not None and not (isinstance(self.model, str) and self.model):
@@ -165,6 +169,11 @@ class EngineConfig:
         if not (_is_int(self.max_logprobs) and self.max_logprobs >= 0):
             raise ValueError(
                 f"engine config field max_logprobs must be an int >= 0, got {self.max_logprobs!r}"
+            )
+        if self.compile_after_warmup not in ("warn", "error"):
+            raise ValueError(
+                "engine config field compile_after_warmup must be 'warn' or 'error', got "
+                f"{self.compile_after_warmup!r}"
             )
         if not isinstance(self.overlap_steps, bool):
             raise ValueError(f"engine config field overlap_steps must be a bool, got {self.overlap_steps!r}")

@@ -12,6 +12,7 @@ Threads: `add_request` and `abort` may be called from any thread while one threa
 
 import dataclasses
 import itertools
+import logging
 import threading
 import zlib
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxpage import page_copy
+from jaxpage import compile_watch, page_copy
 from jaxpage.batch import (
     MAX_BANNED_TOKENS,
     build_step_inputs,
@@ -51,6 +52,8 @@ from models.config import ModelConfig
 from models.default_model import default_model_path
 from models.llama import init_params
 from models.loaders import load_model
+
+logger = logging.getLogger(__name__)
 
 
 def _random_params(model_config: ModelConfig, seed: int, scale: float) -> dict:
@@ -134,6 +137,7 @@ class LLMEngine:
         # "{serial}#beamk"), so no id a caller chooses can collide with another request's internal ones.
         self._serials = itertools.count()
         self._num_steps = 0
+        self._num_compiles_after_warmup = 0
         self._peak_used_pages = 0
         self._in_flight: _Launched | None = None  # the overlapped step whose tokens the host has not read
         # What the next step reports besides its own rows: final outputs of aborted beam searches, and the
@@ -372,11 +376,20 @@ class LLMEngine:
             num_swap_ins=scheduler.num_swap_ins,
             num_copies=scheduler.num_copies,
             num_evictions=self.pool.num_evictions,
+            num_compiles_after_warmup=self._num_compiles_after_warmup,
         )
 
-    def warmup(self) -> None:
-        """Compiles every bucket now, so no step compiles while serving."""
-        self.runner.warmup()
+    def warmup(self) -> dict:
+        """Compiles every bucket and every page move now, so no step compiles while serving
+        (`metrics().num_compiles_after_warmup` counts the exceptions). Returns `Runner.warmup`'s seconds per
+        bucket."""
+        seconds = self.runner.warmup()
+        # A step copies at most one page per row (copy-on-write) and swaps one request's pages at a time.
+        swap_pages = (
+            self.config.pages_per_seq(self.max_model_len) if self.config.preemption_mode == "swap" else 0
+        )
+        self.runner.kv_pool = page_copy.warmup(self.runner.kv_pool, self.config.max_num_seqs, swap_pages)
+        return seconds
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is queued or running (an aborted one's final output may still be due)."""
@@ -388,8 +401,14 @@ class LLMEngine:
         """Launches one scheduled step and reads the tokens of the step before it (with `overlap_steps`; else
         of this one); returns an output for every request that got a token, finished or not, and the final
         outputs of requests aborted or failed since the last call."""
-        with self._lock:
-            return self._step()
+        with self._lock, compile_watch.counting() as compiles:
+            outputs = self._step()
+        if compiles and self.runner.warmed_up:
+            self._num_compiles_after_warmup += len(compiles)
+            logger.warning(
+                "a step compiled %d program(s) after warm-up (%.2f s)", len(compiles), sum(compiles)
+            )
+        return outputs
 
     def _step(self) -> list[RequestOutput]:
         ready, self._ready = self._ready, []
@@ -428,13 +447,16 @@ class LLMEngine:
         return ready + self._group_outputs(outputs) + finished
 
     def _launch(self, scheduled: SchedulerOutput, previous: "_Launched | None") -> "_Launched":
-        self._move_pages(scheduled)
         bucket = self.runner.bucket_for(*step_size(scheduled))
         in_flight_rows = {}
         if previous is not None:
             items = previous.scheduled.scheduled
             in_flight_rows = {item.request.request_id: row for row, item in enumerate(items)}
         inputs = build_step_inputs(scheduled, bucket, self.config.page_size, in_flight_rows)
+        self.runner.programs(
+            inputs
+        )  # a missing program fails here (compile_after_warmup), before any page moves
+        self._move_pages(scheduled)
         step = self.runner.launch(inputs)
         self.scheduler.advance(scheduled)
         self._num_steps += 1

@@ -57,6 +57,9 @@ class EngineMetrics:
     num_swap_ins: int
     num_copies: int  # copy-on-write page copies
     num_evictions: int  # prefix-cache entries dropped when their free page was reallocated
+    # XLA compilations that steps ran after warm-up (each a stall): programs of page-copy sizes not seen yet,
+    # or step programs warm-up left out (see EngineConfig.compile_after_warmup).
+    num_compiles_after_warmup: int
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -69,7 +72,8 @@ class EngineMetrics:
             "prefix-cache hit rate "
             f"{self.prefix_cache_hit_rate:.1%} ({self.prefix_hit_tokens}/{self.prefix_query_tokens} tokens), "
             f"preemptions {self.num_preemptions}, swaps out/in {self.num_swap_outs}/{self.num_swap_ins}, "
-            f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}"
+            f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}, "
+            f"compilations after warm-up {self.num_compiles_after_warmup}"
         )
 
 

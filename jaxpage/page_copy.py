@@ -67,3 +67,17 @@ def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVP
     width = [(0, 0)] * data.ndim
     width[3] = (0, len(padded) - len(page_ids))
     return _scatter(kv_pool, padded, np.pad(data, width))
+
+
+def warmup(kv_pool: KVPool, max_copies: int, max_swap_pages: int) -> KVPool:
+    """Compiles the moves of every padded size a step can ask for (up to `max_copies` copy-on-write copies,
+    and swaps of up to `max_swap_pages` pages; 0: no swapping) by running them on the null page, which
+    changes nothing visible. Returns the pool (the argument is donated)."""
+    sizes = lambda limit: [1 << i for i in range(max(0, limit - 1).bit_length() + 1)] if limit else []  # noqa: E731
+    for size in sizes(max_copies):
+        null = np.zeros(size, np.int32)
+        kv_pool = _copy(kv_pool, null, null)
+    for size in sizes(max_swap_pages):
+        null = np.zeros(size, np.int32)
+        kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
+    return kv_pool

@@ -182,6 +182,10 @@ class Runner:
         self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
 
     @property
+    def warmed_up(self) -> bool:
+        return self._warmed_up
+
+    @property
     def buckets(self) -> list[Bucket]:
         return self.grid.buckets
 
@@ -251,16 +255,27 @@ class Runner:
     def _forward_program(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         program = self._forward_programs.get((bucket, kind))
         if program is None:
-            log = logger.warning if self._warmed_up else logger.debug
-            log("compiling bucket %s (forward kind %s) outside warm-up", bucket, kind)
+            hint = " (prompt logprobs: set warmup_prompt_logprobs)" if kind == _ALL_LOGITS else ""
+            self._before_compiling_outside_warmup(f"the forward pass of bucket {bucket} (kind {kind})", hint)
             program = self._forward_programs[(bucket, kind)] = self._compile_forward(bucket, kind)
         return program
+
+    def _before_compiling_outside_warmup(self, what: str, hint: str = "") -> None:
+        """Before warm-up, compiling on first use is expected; after it, warns or (`compile_after_warmup`
+        "error") raises RuntimeError."""
+        if not self._warmed_up:
+            logger.debug("compiling %s before warm-up", what)
+        elif self.engine_config.compile_after_warmup == "error":
+            raise RuntimeError(f"a step needs {what}, which warm-up did not compile{hint}")
+        else:
+            logger.warning("compiling %s outside warm-up", what)
 
     def _sample_program(self, inputs: StepInputs, variant: str, history_width: int) -> jax.stages.Compiled:
         k = self.num_top_logprobs if inputs.wants_top_logprobs else 0
         key = (inputs.bucket.num_rows, variant, history_width, k)
         program = self._sample_programs.get(key)
         if program is None:
+            self._before_compiling_outside_warmup(f"the {variant} sampler of {key[0]} rows")
             program = self._sample_programs[key] = self._compile_sampler(*key)
         return program
 
@@ -323,6 +338,25 @@ class Runner:
         """Runs the step and waits for its results: `fetch(launch(inputs))`."""
         return self.fetch(self.launch(inputs))
 
+    def programs(self, inputs: StepInputs) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+        """The forward and sampling programs of the step, compiled now if warm-up left them out (or, with
+        `compile_after_warmup` "error", RuntimeError before anything ran)."""
+        bucket = inputs.bucket
+        assert bucket.pages_per_row in self.grid.page_buckets, bucket
+        if inputs.wants_prompt_logprobs:
+            kind = _ALL_LOGITS
+        elif self.uses_decode_kernel and inputs.decode_only:
+            kind = _DECODE
+        else:
+            kind = _ROWS
+        if inputs.has_penalties:
+            sampler = self._sample_program(inputs, _PENALISED, inputs.history.shape[1])
+        elif inputs.all_greedy:
+            sampler = self._sample_program(inputs, _GREEDY, 0)
+        else:
+            sampler = self._sample_program(inputs, _SAMPLED, 0)
+        return self._forward_program(bucket, kind), sampler
+
     def launch(self, inputs: StepInputs) -> LaunchedStep:
         """Dispatches the forward pass of the step's bucket, updating the KV pool in place, and the sampling
         of every row, then starts copying the results to the host; returns without waiting for the device.
@@ -331,16 +365,8 @@ class Runner:
         are read: its pending tokens (`inputs.source_rows`) come from the previous step's samples on the
         device, and pages freed meanwhile are rewritten only by later steps.
         """
-        bucket = inputs.bucket
-        assert bucket.pages_per_row in self.grid.page_buckets, bucket
+        forward, sampler = self.programs(inputs)
         all_logits = inputs.wants_prompt_logprobs
-        if all_logits:
-            kind = _ALL_LOGITS
-        elif self.uses_decode_kernel and inputs.decode_only:
-            kind = _DECODE
-        else:
-            kind = _ROWS
-        forward = self._forward_program(bucket, kind)
         args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)), self._last_tokens]
         if all_logits:
             args.append(jax.device_put(inputs.prompt_logprob_targets))
@@ -350,15 +376,11 @@ class Runner:
             logits, prompt = logits
 
         if inputs.has_penalties:
-            history_width = inputs.history.shape[1]
-            sampler = self._sample_program(inputs, _PENALISED, history_width)
             rows, penalties = jax.device_put((_sampling_rows(inputs), _penalties(inputs)))
             out, self._last_tokens = sampler(logits, rows, self._base_key, penalties)
         elif inputs.all_greedy:
-            sampler = self._sample_program(inputs, _GREEDY, 0)
             out, self._last_tokens = sampler(logits, jax.device_put(inputs.banned_token_ids))
         else:
-            sampler = self._sample_program(inputs, _SAMPLED, 0)
             out, self._last_tokens = sampler(
                 logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None
             )

@@ -52,9 +52,10 @@ def check_ragged_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens) -> 
 def token_request_ids(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:
     """i32[num_tokens]: the request each flat token belongs to; padding tokens get B (one past the last)."""
     # Padded requests have empty ranges, so `side="right"` skips them and lands on the owner of each token.
-    return jnp.searchsorted(cu_q_lens[1:], jnp.arange(num_tokens, dtype=jnp.int32), side="right").astype(
-        jnp.int32
-    )
+    # "compare_all" (T x B comparisons) rather than the default binary search, a while loop whose every
+    # iteration XLA:GPU may decide on the host.
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.searchsorted(cu_q_lens[1:], tokens, side="right", method="compare_all").astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(
@@ -246,7 +247,7 @@ def _work_list(cu_q_lens, kv_lens, tokens: int, num_items: int) -> jax.Array:
     blocks = (q_lens + tokens - 1) // tokens
     cu_blocks = jnp.cumsum(blocks)
     j = jnp.arange(num_items, dtype=jnp.int32)
-    req = jnp.searchsorted(cu_blocks, j, side="right").astype(jnp.int32)
+    req = jnp.searchsorted(cu_blocks, j, side="right", method="compare_all").astype(jnp.int32)  # no loop
     real = req < batch
     req = jnp.minimum(req, batch - 1)
     local = (j - (cu_blocks[req] - blocks[req])) * tokens

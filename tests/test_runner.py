@@ -1,18 +1,28 @@
 import contextlib
 import dataclasses
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from dense_reference import assert_top_logprobs, dense_log_softmax, dense_logits
 from jax.experimental.compilation_cache import compilation_cache
 
-from jaxpage.batch import build_step_inputs, step_size
+from jaxpage.batch import Bucket, build_step_inputs, padding_inputs, step_size
 from jaxpage.config import EngineConfig
 from jaxpage.engine import record_prompt_logprobs
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
-from jaxpage.runner import Runner, kv_bytes_per_page, kv_pool_pages
+from jaxpage.runner import (
+    Runner,
+    _abstract,
+    _forward_arrays,
+    _penalties,
+    _sampling_rows,
+    kv_bytes_per_page,
+    kv_pool_pages,
+)
 from jaxpage.sampling_params import SamplingParams
 from jaxpage.scheduler import Scheduler
 from models.config import ModelConfig
@@ -291,3 +301,43 @@ def test_kv_pool_size_from_memory_fraction_is_capped_by_what_requests_can_use():
     assert kv_bytes_per_page(huge, 4) > 2**40
     with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
         kv_pool_pages(huge, dataclasses.replace(config, kv_cache_memory_fraction=1e-6), max_model_len=64)
+
+
+def test_gpu_step_programs_hold_no_loop_or_branch():
+    """Every program of a step, lowered for an H100 with the Pallas kernels, is straight-line: XLA:GPU decides
+    each iteration of a while loop (and a conditional's branch) on the host, which would stall a launched step
+    on a device-to-host copy. (The kernels' own loops live inside their Triton custom calls.)"""
+    model = dataclasses.replace(TINY, head_dim=16, dtype="bfloat16")  # the kernels need head_dim >= 16
+    local = Runner(
+        model, init_params(model, jax.random.key(0)), dataclasses.replace(CONFIG, attention_backend="pallas")
+    )
+    bucket = local.buckets[-1]
+    inputs = padding_inputs(bucket, prompt_logprobs=True)
+    forward = [_abstract(local.params), _abstract(local.kv_pool), _abstract(_forward_arrays(inputs))]
+    forward.append(_abstract(local._last_tokens))
+    logits = jax.ShapeDtypeStruct((bucket.num_rows, model.vocab_size), jnp.float32)
+    rows = padding_inputs(Bucket(bucket.num_rows, bucket.num_rows, 1), history_width=16)
+    programs = {
+        "rows": lambda: local._forward_jits["rows"].trace(*forward),
+        "decode": lambda: local._forward_jits["decode"].trace(*forward),
+        "all_logits": lambda: local._forward_jits["all_logits"].trace(
+            *forward, _abstract(inputs.prompt_logprob_targets)
+        ),
+        "greedy": lambda: local._greedy_jit.trace(
+            logits, _abstract(rows.banned_token_ids), num_top_logprobs=3
+        ),
+        "sampled": lambda: local._sample_jit.trace(
+            logits, _abstract(_sampling_rows(rows)), local._base_key, 3, _abstract(_penalties(rows))
+        ),
+    }
+    for name, trace in programs.items():
+        device = jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+        )
+        axis = (jax.sharding.AxisType.Explicit,)
+        with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), axis, abstract_device=device)
+        ):
+            text = trace().lower(lowering_platforms=("cuda",)).as_text()
+        assert name in ("greedy", "sampled") or "__gpu$xla.gpu.triton" in text, name
+        assert not re.findall(r"stablehlo\.(while|case|if)\b", text), name
