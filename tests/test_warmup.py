@@ -24,6 +24,10 @@ def llm():
         "EngineConfig.preemption_mode = 'swap'",
         "EngineConfig.num_pages = 24",
         "EngineConfig.compile_after_warmup = 'error'",
+        # One bucket: warm-up compiles its forward pass and its samplers, not the whole grid of tiny_test.gin.
+        "EngineConfig.token_buckets = (64,)",
+        "EngineConfig.seq_buckets = (8,)",
+        "EngineConfig.page_buckets = (32,)",
     ]
     llm = LLM.from_gin(["configs/tiny_test.gin"], bindings)
     llm.engine.warmup()
