@@ -28,7 +28,6 @@ from jaxpage.batch import (
     min_tokens_bans,
     prompt_logprob_positions,
     step_size,
-    uses_penalties,
 )
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
@@ -453,17 +452,21 @@ class LLMEngine:
             items = previous.scheduled.scheduled
             in_flight_rows = {item.request.request_id: row for row, item in enumerate(items)}
         inputs = build_step_inputs(scheduled, bucket, self.config.page_size, in_flight_rows)
-        self.runner.programs(
-            inputs
-        )  # a missing program fails here (compile_after_warmup), before any page moves
+        # A missing program fails here (compile_after_warmup "error"), before any page moves.
+        programs = self.runner.programs(inputs)
         self._move_pages(scheduled)
-        step = self.runner.launch(inputs)
+        step = self.runner.launch(inputs, programs)
         self.scheduler.advance(scheduled)
         self._num_steps += 1
-        needs_host = inputs.wants_prompt_logprobs or any(
-            item.samples_token
-            and (item.request.request_id in self._beam_of or uses_penalties(item.request.sampling_params))
-            for item in scheduled.scheduled
+        # has_penalties: some sampling row has penalties. Only beams need a look at the rows.
+        needs_host = (
+            inputs.wants_prompt_logprobs
+            or inputs.has_penalties
+            or bool(self._beam_of)
+            and any(
+                item.samples_token and item.request.request_id in self._beam_of
+                for item in scheduled.scheduled
+            )
         )
         return _Launched(scheduled, inputs.cu_q_lens, step, needs_host)
 

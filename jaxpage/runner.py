@@ -357,15 +357,18 @@ class Runner:
             sampler = self._sample_program(inputs, _SAMPLED, 0)
         return self._forward_program(bucket, kind), sampler
 
-    def launch(self, inputs: StepInputs) -> LaunchedStep:
+    def launch(
+        self, inputs: StepInputs, programs: tuple[jax.stages.Compiled, jax.stages.Compiled] | None = None
+    ) -> LaunchedStep:
         """Dispatches the forward pass of the step's bucket, updating the KV pool in place, and the sampling
         of every row, then starts copying the results to the host; returns without waiting for the device.
 
         Steps run on the device in launch order, so a step may be launched before the previous one's results
         are read: its pending tokens (`inputs.source_rows`) come from the previous step's samples on the
         device, and pages freed meanwhile are rewritten only by later steps.
+        programs: what `programs(inputs)` returned, if the caller has it already.
         """
-        forward, sampler = self.programs(inputs)
+        forward, sampler = programs if programs is not None else self.programs(inputs)
         all_logits = inputs.wants_prompt_logprobs
         args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)), self._last_tokens]
         if all_logits:

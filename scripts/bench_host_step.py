@@ -40,12 +40,14 @@ class InstantDevice:
     """Stands in for the runner's device half: each row samples a fixed function of its step and row."""
 
     def __init__(self, runner, vocab_size: int):
-        self.runner = runner
         self.vocab_size = vocab_size
         self.num_top = runner.num_top_logprobs
         self.count = 0
 
-    def launch(self, inputs) -> LaunchedStep:
+    def programs(self, inputs):
+        return None, None  # nothing is compiled: launch runs no program
+
+    def launch(self, inputs, programs=None) -> LaunchedStep:
         self.count += 1
         rows = len(inputs.kv_lens)
         # Ids in 1000..vocab: ordinary text tokens, away from SmolLM2's special ids.
@@ -90,7 +92,11 @@ def main(argv):
     )  # fmt: skip
     engine = LLMEngine(config, random_model=model)
     device = InstantDevice(engine.runner, engine.tokenizer.vocab_size)
-    engine.runner.launch, engine.runner.fetch = device.launch, device.fetch
+    engine.runner.programs, engine.runner.launch, engine.runner.fetch = (
+        device.programs,
+        device.launch,
+        device.fetch,
+    )
 
     rng = np.random.default_rng(0)
     params = SamplingParams(

@@ -31,9 +31,9 @@ class StepTimeline:
         self._thread = threading.Thread(target=self._wait_for_steps, daemon=True)
         self._thread.start()
 
-    def _timed_launch(self, inputs):
+    def _timed_launch(self, inputs, programs=None):
         start = time.perf_counter()
-        step = self._launch(inputs)
+        step = self._launch(inputs, programs)
         self.launch_start.append(start)
         self.launch_end.append(time.perf_counter())
         b = inputs.bucket

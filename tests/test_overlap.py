@@ -50,7 +50,7 @@ def _launch_log(llm: LLM) -> list[str]:
     """Records the runner's launches and fetches in order."""
     runner, log = llm.engine.runner, []
     launch, fetch = runner.launch, runner.fetch
-    runner.launch = lambda inputs: (log.append("launch"), launch(inputs))[1]
+    runner.launch = lambda *args: (log.append("launch"), launch(*args))[1]
     runner.fetch = lambda step: (log.append("fetch"), fetch(step))[1]
     return log
 

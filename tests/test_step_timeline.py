@@ -22,7 +22,7 @@ class _Runner:
     def __init__(self, launch_s: float):
         self.launch_s = launch_s
 
-    def launch(self, inputs):
+    def launch(self, inputs, programs=None):
         time.sleep(self.launch_s)
         return SimpleNamespace(sampled=SimpleNamespace(token_ids=jnp.zeros(4, jnp.int32)))
 
