@@ -94,17 +94,28 @@ class StepInputs(NamedTuple):
 
 
 class BucketGrid:
-    """Every (T, B, P) combination of the configured sizes in which each row can own a token (B <= T)."""
+    """Every (T, B, P) combination of the configured sizes in which each row can own a token (B <= T); with
+    `row_sized_decode`, steps of one token per row take T = B instead (`select`)."""
 
     def __init__(
-        self, token_buckets: tuple[int, ...], seq_buckets: tuple[int, ...], page_buckets: tuple[int, ...]
+        self,
+        token_buckets: tuple[int, ...],
+        seq_buckets: tuple[int, ...],
+        page_buckets: tuple[int, ...],
+        row_sized_decode: bool = False,
     ):
+        """row_sized_decode: a decode step's tokens are its rows, padded to the row bucket, not to a token
+        bucket. The decode kernel's steps want this: every padded token costs the matmuls its rows' work
+        (a 32-row decode step of an 8B model padded to 256 tokens spent 6.3 of its 9 device ms in matmuls,
+        benchmarks/README.md). The jnp backends leave it off: their configs make the row buckets token
+        buckets anyway, and a separate decode shape would only add programs."""
         for name, sizes in (("token", token_buckets), ("seq", seq_buckets), ("page", page_buckets)):
             assert sizes and list(sizes) == sorted(set(sizes)) and sizes[0] > 0, f"bad {name} buckets {sizes}"
         self.token_buckets = tuple(token_buckets)
         # A step never has more rows than tokens, so row counts above the largest token bucket are capped.
         self.seq_buckets = tuple(sorted({min(b, token_buckets[-1]) for b in seq_buckets}))
         self.page_buckets = tuple(page_buckets)
+        self.row_sized_decode = row_sized_decode
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -119,7 +130,10 @@ class BucketGrid:
     def select(self, num_tokens: int, num_rows: int, max_pages: int) -> Bucket:
         """The smallest bucket holding a step of this size. Raises ValueError if none does."""
         b = _smallest_at_least(self.seq_buckets, num_rows, "num_rows")
-        t = _smallest_at_least(self.token_buckets, max(num_tokens, b), "num_tokens")
+        if self.row_sized_decode and num_tokens <= num_rows:  # one token per row
+            t = b
+        else:
+            t = _smallest_at_least(self.token_buckets, max(num_tokens, b), "num_tokens")
         p = _smallest_at_least(self.page_buckets, max_pages, "max_pages")
         return Bucket(t, b, p)
 

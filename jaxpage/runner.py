@@ -151,8 +151,13 @@ class Runner:
         self.num_top_logprobs = engine_config.max_logprobs
         self.attention_backend = resolve_attention_backend(engine_config.attention_backend)
         max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
+        # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
+        self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
         self.grid = BucketGrid(
-            engine_config.token_buckets, engine_config.seq_buckets, engine_config.page_buckets
+            engine_config.token_buckets,
+            engine_config.seq_buckets,
+            engine_config.page_buckets,
+            row_sized_decode=self.uses_decode_kernel,
         )
         self.params = jax.device_put(params)
         self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len)
@@ -168,8 +173,6 @@ class Runner:
         self.num_token_ids = vocab_size if num_token_ids is None else num_token_ids
         assert 0 < self.num_token_ids <= vocab_size, (self.num_token_ids, vocab_size)
         self._warmed_up = False  # before warm-up, compiling a bucket on first use is expected
-        # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
-        self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
         self._forward_jits = {
             _ROWS: jax.jit(self._forward, donate_argnums=1),
             _ALL_LOGITS: jax.jit(self._forward_all_logits, donate_argnums=1),
@@ -295,8 +298,13 @@ class Runner:
         kinds = (_ROWS, _ALL_LOGITS) if self.engine_config.warmup_prompt_logprobs else (_ROWS,)
         forwards = [(b, kind) for b in buckets for kind in kinds]
         if self.uses_decode_kernel:
-            decode_buckets = set(self.grid.decode_buckets)
-            forwards += [(b, _DECODE) for b in buckets if b in decode_buckets]
+            # The decode buckets of the rows and pages asked for (with `row_sized_decode` they may lie
+            # outside the token buckets); a one-token prompt chunk with prompt logprobs takes them too.
+            shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
+            decode = [d for d in self.grid.decode_buckets if (d.num_rows, d.pages_per_row) in shapes]
+            forwards += [(d, _DECODE) for d in decode]
+            if self.engine_config.warmup_prompt_logprobs:
+                forwards += [(d, _ALL_LOGITS) for d in decode if d not in buckets]
         forwards = [key for key in forwards if key not in self._forward_programs]
         sampler_keys = set()
         for b in buckets:

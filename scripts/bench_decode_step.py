@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from device_timing import best_seconds, chained_loop
+from device_timing import command_line, hbm_bytes_per_s
 from model_shapes import CONFIGS
 
 from models.attention import AttentionMetadata
@@ -47,29 +47,6 @@ VARIANTS = ("ragged", "decode", "reference")
 # |logits - reference| / |reference| (whole step, L2) above which a step fails: bf16 rounding through 30
 # layers stays near 1e-2; a wrong row or page is of order 1.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
-
-
-def hbm_bytes_per_s(gib: float, calls: int = 20) -> float:
-    """Read bandwidth of `jnp.sum` over a random float32 array of `gib` GiB, as bench_kernels.py's hbm
-    section measures it: device time of chained calls. Timing single calls from the host would add their
-    dispatch and sync: ~20% low on an H100."""
-    x = jax.random.normal(jax.random.key(0), (int(gib * 2**30) // 4,), jnp.float32)
-    first = jnp.zeros((), jnp.float32)
-    loop = jax.jit(chained_loop(jnp.sum, calls), donate_argnums=0).lower(first, (x,)).compile()
-    return x.nbytes / best_seconds(loop, first, (x,), calls, trials=3)
-
-
-def command_line() -> str:
-    """The command without --output_dir: where the files went is no part of the measurement."""
-    args, skip_value = [], False
-    for arg in sys.argv[1:]:
-        if skip_value:
-            skip_value = False
-        elif arg.startswith("--output_dir"):
-            skip_value = arg == "--output_dir"
-        else:
-            args.append(arg)
-    return " ".join([Path(sys.argv[0]).name, *args])
 
 
 def decode_step(cfg, batch: int, context: int, page_size: int, seed: int):

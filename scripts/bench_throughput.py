@@ -30,6 +30,8 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from device_profile import describe as describe_profile
+from device_profile import profile_steps
 from step_timeline import StepTimeline, describe
 
 from jaxpage import SamplingParams, gin_config
@@ -58,6 +60,17 @@ flags.DEFINE_integer(
     "kv_replay_prompts",
     1000,
     "ShareGPT requests whose full lengths are replayed through the scheduler alone.",
+)
+flags.DEFINE_list(
+    "profile_steps",
+    [],
+    "START,COUNT: trace COUNT engine steps from step START with the JAX profiler and print the device "
+    "kernels they ran (the profiler slows the host: the run's throughput is then not a result).",
+)
+flags.register_validator(
+    "profile_steps",
+    lambda v: not v or (len(v) == 2 and all(x.isdigit() for x in v) and int(v[1]) > 0),
+    "--profile_steps takes START,COUNT: two integers, COUNT > 0",
 )
 flags.DEFINE_bool("warmup", True, "Compile every bucket before the timed run.")
 flags.DEFINE_string("output_dir", str(ROOT / "benchmarks" / "results"), "Where the result JSON goes.")
@@ -135,7 +148,9 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         ids.append(engine.add_request(prompt, params))
     metrics, outputs = {}, {}
     slots = stored = peak_pages = peak_running = steps = 0
-    while engine.has_unfinished_requests():
+
+    def serve_step():
+        nonlocal slots, stored, peak_pages, peak_running, steps
         for output in engine.step():
             metrics[output.request_id] = output.metrics  # final only: every output is a finished one
             outputs[output.request_id] = output.outputs[0].token_ids
@@ -145,6 +160,21 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         peak_pages = max(peak_pages, engine.pool.num_used_pages)
         peak_running = max(peak_running, len(engine.scheduler.running))
         steps += 1
+
+    def serve_steps(count: int) -> int:
+        for done in range(count):
+            if not engine.has_unfinished_requests():
+                return done
+            serve_step()
+        return count
+
+    profile_start, profile_count = map(int, FLAGS.profile_steps) if FLAGS.profile_steps else (-1, 0)
+    profile = None
+    while engine.has_unfinished_requests():
+        if steps == profile_start:
+            profile = profile_steps(lambda: serve_steps(profile_count))
+        else:
+            serve_step()
     seconds = time.perf_counter() - start
     steps_on_device = timeline.close()
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages, "pages leaked"
@@ -169,6 +199,7 @@ def run_engine(engine: LLMEngine, workload: Workload) -> dict:
         "kv_pool_pages": engine.pool.num_usable_pages,
         "device_timeline": steps_on_device,
         "compiles_after_warmup": compiles,
+        "device_profile": profile,
         "outputs": [outputs[i] for i in ids],
     }
 
@@ -345,6 +376,7 @@ def summary(record: dict) -> str:
         f"{e['steps']} steps, "
         f"peak {e.get('peak_running_requests', '?')} requests running at once",
         describe(e["device_timeline"]),
+        *([describe_profile(e["device_profile"])] if e.get("device_profile") else []),
         f"KV pages: peak {e['kv_peak_pages']} of {e['kv_pool_pages']}; waste {100 * e['kv_waste']:.2f}% "
         f"({e['kv_slots_allocated'] - e['kv_tokens_stored']} idle slots per {e['kv_tokens_stored']} "
         "stored tokens, summed over steps)",

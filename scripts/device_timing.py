@@ -1,10 +1,13 @@
-"""Device time of a call without host dispatch: n calls chained in one jitted loop, best of several runs.
-Shared by scripts/bench_kernels.py and scripts/bench_decode_step.py."""
+"""Device time of a call without host dispatch: n calls chained in one jitted loop, best of several runs;
+the HBM read bandwidth measured that way; the command line a result records. Shared by the GPU benchmarks."""
 
 import math
+import sys
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 
 def best_seconds(exe, carry, consts, n: int, trials: int) -> float:
@@ -29,3 +32,26 @@ def chained_loop(fn, n: int):
         return fn(*args)
 
     return lambda out, args: jax.lax.fori_loop(0, n, lambda _, out: step(out, args), out)
+
+
+def hbm_bytes_per_s(gib: float, calls: int = 20) -> float:
+    """Read bandwidth of `jnp.sum` over a random float32 array of `gib` GiB, as bench_kernels.py's hbm
+    section measures it: device time of chained calls. Timing single calls from the host would add their
+    dispatch and sync: ~20% low on an H100."""
+    x = jax.random.normal(jax.random.key(0), (int(gib * 2**30) // 4,), jnp.float32)
+    first = jnp.zeros((), jnp.float32)
+    loop = jax.jit(chained_loop(jnp.sum, calls), donate_argnums=0).lower(first, (x,)).compile()
+    return x.nbytes / best_seconds(loop, first, (x,), calls, trials=3)
+
+
+def command_line() -> str:
+    """The command without --output_dir: where the files went is no part of the measurement."""
+    args, skip_value = [], False
+    for arg in sys.argv[1:]:
+        if skip_value:
+            skip_value = False
+        elif arg.startswith("--output_dir"):
+            skip_value = arg == "--output_dir"
+        else:
+            args.append(arg)
+    return " ".join([Path(sys.argv[0]).name, *args])

@@ -13,6 +13,11 @@ CONFIGS = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_q_heads=9,
         num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
     ),
+    # Llama-3-8B's shapes (configs/llama3_8b.gin without the rope scaling), random weights.
+    "llama3_8b_shape": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_q_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+    ),
     "tiny": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_q_heads=4, num_kv_heads=2,
         head_dim=16,

@@ -84,10 +84,20 @@ def test_decode_only_when_row_b_owns_exactly_token_b():
     assert not x._replace(cu_q_lens=np.array([0, 0, 1, 2, 2], np.int32)).decode_only
 
 
-def test_bucket_grid_decode_buckets_are_what_decode_steps_select():
-    grid = BucketGrid((8, 32, 128), (4, 16, 64), (2, 8))
+@pytest.mark.parametrize("row_sized_decode", [False, True])
+def test_bucket_grid_decode_buckets_are_what_decode_steps_select(row_sized_decode):
+    grid = BucketGrid((8, 32, 128), (4, 16, 64), (2, 8), row_sized_decode)
     selected = {grid.select(n, n, p) for n in range(1, 65) for p in range(1, 9)}
     assert set(grid.decode_buckets) == selected
+
+
+def test_row_sized_decode_pads_decode_steps_to_their_row_bucket_only():
+    grid = BucketGrid((256, 2048), (32, 256), (128,), row_sized_decode=True)
+    assert grid.select(20, 20, 5) == Bucket(32, 32, 128)  # not the 256-token bucket
+    assert grid.select(200, 200, 5) == Bucket(256, 256, 128)
+    assert grid.select(21, 20, 5) == Bucket(256, 32, 128)  # a prompt chunk among them: token buckets
+    assert set(grid.decode_buckets) == {Bucket(32, 32, 128), Bucket(256, 256, 128)}
+    assert BucketGrid((256, 2048), (32, 256), (128,)).select(20, 20, 5) == Bucket(256, 32, 128)
 
 
 def test_min_tokens_bans_eos_and_stop_token_ids_of_sampling_rows_until_reached():
