@@ -7,7 +7,8 @@ systems do the same work and should pick the same tokens. Prints requests/s, out
 tokens/s, mean TTFT and TPOT, compile time, and KV memory waste: the slots of the pages in running requests'
 page tables that hold no token, summed over steps, relative to the tokens held (a shared page counts once).
 On CPU it also runs HF transformers `generate` on the same prompts in the same run (scripts/hf_throughput.py
-in the HF side venv) and prints the speed ratio. Results go to --output_dir as JSON with the device, date,
+in the HF side venv) and prints the speed ratio; elsewhere with --hf on (a random model's HF twin gets random
+weights of its shape, so only speed compares). Results go to --output_dir as JSON with the device, date,
 versions and command. HF's static batches run each batch to its longest output, which is the waste that
 continuous batching removes; --max_output_tokens hides it by making most outputs equally long.
 
@@ -259,7 +260,32 @@ def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
     }
 
 
-def run_hf(workload: Workload, batch_size: int) -> dict:
+# ModelConfig's fields that shape a Llama, as transformers' LlamaConfig names them. Rotary scaling is left
+# out: it changes no cost.
+HF_LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_q_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+def hf_model_args(random_model, dtype: str) -> list[str]:
+    """hf_throughput.py's model flags: the embedded SmolLM2, or random weights of a random model's shape (its
+    values differ from the engine's, so only speed compares)."""
+    if random_model is None:
+        return []
+    fields = {hf_name: getattr(random_model, name) for name, hf_name in HF_LLAMA_FIELDS.items()}
+    return ["--random_model", json.dumps(fields), "--dtype", dtype]
+
+
+def run_hf(workload: Workload, batch_size: int, model_args: list[str]) -> dict:
     python = (
         FLAGS.hf_python or os.environ.get("JAXPAGE_HF_PYTHON") or str(ROOT / ".venv-hf" / "bin" / "python")
     )
@@ -274,7 +300,7 @@ def run_hf(workload: Workload, batch_size: int) -> dict:
         ]
         (Path(tmp) / "requests.json").write_text(json.dumps({"requests": requests}))
         command = [python, str(ROOT / "scripts" / "hf_throughput.py"), "--requests", f"{tmp}/requests.json"]
-        command += ["--batch_size", str(batch_size), "--output", f"{tmp}/hf.json"]
+        command += ["--batch_size", str(batch_size), "--output", f"{tmp}/hf.json", *model_args]
         subprocess.run(command, check=True)
         return json.loads((Path(tmp) / "hf.json").read_text())
 
@@ -307,7 +333,9 @@ def main(argv):
     print(f"jaxpage done in {result['seconds']:.1f} s", flush=True)
     on_cpu = jax.default_backend() == "cpu"
     hf = (
-        run_hf(workload, FLAGS.hf_batch_size) if FLAGS.hf == "on" or (FLAGS.hf == "auto" and on_cpu) else None
+        run_hf(workload, FLAGS.hf_batch_size, hf_model_args(setup.random_model, engine.config.dtype))
+        if FLAGS.hf == "on" or (FLAGS.hf == "auto" and on_cpu)
+        else None
     )
 
     prompt_lens = [len(p) for p in workload.prompt_token_ids]
@@ -343,7 +371,8 @@ def main(argv):
         same = sum(a == b for a, b in zip(result["outputs"], hf["outputs"], strict=True))
         record["hf"] = {k: v for k, v in hf.items() if k != "outputs"}
         record["hf"]["output_tokens_per_s"] = hf["output_tokens"] / hf["generate_seconds"]
-        record["hf"]["identical_outputs"] = same
+        # Random weights differ between the two: their outputs are not comparable.
+        record["hf"]["identical_outputs"] = None if hf.get("random_model") else same
         record["speedup_vs_hf"] = result["seconds"] and hf["generate_seconds"] / result["seconds"]
 
     out_dir = Path(FLAGS.output_dir)
@@ -392,9 +421,14 @@ def summary(record: dict) -> str:
     if "hf" in record:
         hf = record["hf"]
         lines.append(
-            f"HF generate (batch {hf['batch_size']}, {hf['torch_threads']} threads): "
+            f"HF generate (batch {hf['batch_size']}, {hf.get('device', 'cpu')}, "
+            f"{hf['torch_threads']} threads): "
             f"{hf['generate_seconds']:.1f} s, {hf['output_tokens_per_s']:.1f} output tok/s; "
-            f"identical greedy outputs {hf['identical_outputs']}/{record['num_requests']}"
+            + (
+                "random weights unlike the engine's: outputs not compared"
+                if hf["identical_outputs"] is None
+                else f"identical greedy outputs {hf['identical_outputs']}/{record['num_requests']}"
+            )
         )
         lines.append(f"jaxpage / HF throughput: {record['speedup_vs_hf']:.2f}x")
     return "\n".join(lines)

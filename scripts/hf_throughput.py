@@ -1,9 +1,12 @@
 """HF transformers `generate` throughput on given prompt token ids: the baseline of bench_throughput.py.
 
-Runs in the HF side venv (Python 3.11, CPU torch), hence argparse and no imports from this repo. Requests are
-served the way `generate` serves them: in static batches of `--batch_size`, in the given order, left-padded to
-the batch's longest prompt, every batch running until its longest requested output is done. Greedy, float32,
-EOS suppressed (`min_new_tokens`), so each request yields exactly the tokens it asked for.
+Runs in the HF side venv (Python 3.11, CPU torch) or any Python with torch and transformers (a GPU machine's),
+hence argparse and no imports from this repo. Requests are served the way `generate` serves them: in static
+batches of `--batch_size`, in the given order, left-padded to the batch's longest prompt, every batch running
+until its longest requested output is done. Greedy, EOS suppressed (`min_new_tokens`), so each request yields
+exactly the tokens it asked for. The model is the embedded SmolLM2 (float32), or with `--random_model` a
+Llama of the given shape with random weights (speed runs of configs such as configs/llama3_8b.gin; rotary
+scaling is left out, which costs nothing measurable), built in `--dtype` on `--device`.
 
     .venv-hf/bin/python scripts/hf_throughput.py --requests requests.json --output hf.json
 
@@ -33,6 +36,16 @@ def gguf_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+def random_model(config_fields: dict, dtype: torch.dtype, device: str):
+    """A LlamaForCausalLM of these LlamaConfig fields with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**config_fields)
+    torch.manual_seed(0)
+    with torch.device(device):  # built where it runs: an 8B model initialised on the host takes minutes
+        return LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+
+
 def generate_batch(model, requests: list[dict], pad_token_id: int) -> list[list[int]]:
     longest = max(len(r["prompt_token_ids"]) for r in requests)
     new_tokens = max(r["max_tokens"] for r in requests)
@@ -44,8 +57,8 @@ def generate_batch(model, requests: list[dict], pad_token_id: int) -> list[list[
         mask[row, longest - len(prompt) :] = 1
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             do_sample=False,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
@@ -59,17 +72,28 @@ def main() -> None:
     parser.add_argument("--requests", required=True, help="JSON file of requests (see the module docstring)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--output", required=True)
+    parser.add_argument(
+        "--random_model", help="JSON object of ModelConfig fields: random weights of that shape"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="torch device; auto: cuda when torch sees a GPU")
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
     with open(args.requests, encoding="utf-8") as f:
         requests = json.load(f)["requests"]
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
-    pad_token_id = model.generation_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = model.config.eos_token_id
+    if args.random_model:
+        model = random_model(json.loads(args.random_model), getattr(torch, args.dtype), device)
+        pad_token_id = 0  # any id: the random model has no tokenizer, and padded positions are masked
+    else:
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
+        model = model.to(device).eval()
+        pad_token_id = model.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = model.config.eos_token_id
     # One short call first, as the engine is measured after its warm-up.
     generate_batch(model, [{"prompt_token_ids": [1, 2, 3], "max_tokens": 2}], pad_token_id)
     loaded = time.perf_counter()
@@ -80,6 +104,8 @@ def main() -> None:
         batch = requests[i : i + args.batch_size]
         outputs += generate_batch(model, batch, pad_token_id)
         generated += len(batch) * max(r["max_tokens"] for r in batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     done = time.perf_counter()
 
     result = {
@@ -89,6 +115,9 @@ def main() -> None:
         "generated_tokens": generated,
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+        "dtype": args.dtype,
+        "random_model": bool(args.random_model),
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers")},
         "outputs": outputs,
     }
