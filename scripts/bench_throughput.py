@@ -260,29 +260,12 @@ def replay_kv_waste(engine: LLMEngine, workload: Workload) -> dict:
     }
 
 
-# ModelConfig's fields that shape a Llama, as transformers' LlamaConfig names them. Rotary scaling is left
-# out: it changes no cost.
-HF_LLAMA_FIELDS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers",
-    "num_q_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "max_position_embeddings": "max_position_embeddings",
-    "rms_norm_eps": "rms_norm_eps",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
-
-
 def hf_model_args(random_model, dtype: str) -> list[str]:
     """hf_throughput.py's model flags: the embedded SmolLM2, or random weights of a random model's shape (its
     values differ from the engine's, so only speed compares)."""
     if random_model is None:
         return []
-    fields = {hf_name: getattr(random_model, name) for name, hf_name in HF_LLAMA_FIELDS.items()}
-    return ["--random_model", json.dumps(fields), "--dtype", dtype]
+    return ["--random_model", json.dumps(dataclasses.asdict(random_model)), "--dtype", dtype]
 
 
 def run_hf(workload: Workload, batch_size: int, model_args: list[str]) -> dict:

@@ -36,11 +36,33 @@ def gguf_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def random_model(config_fields: dict, dtype: torch.dtype, device: str):
-    """A LlamaForCausalLM of these LlamaConfig fields with random weights."""
+# jaxpage's ModelConfig fields that shape a Llama, as transformers' LlamaConfig names them. Rotary scaling is
+# left out: it changes no cost.
+LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_q_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim")
+
+
+def random_model(model_config: dict, dtype: torch.dtype, device: str):
+    """A LlamaForCausalLM of a jaxpage ModelConfig's shape (its fields as a dict) with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**config_fields)
+    missing = set(LLAMA_FIELDS) - set(model_config)
+    if missing:
+        raise SystemExit(f"--random_model lacks the ModelConfig fields {sorted(missing)}")
+    config = LlamaConfig(**{hf: model_config[name] for name, hf in LLAMA_FIELDS.items()})
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: an 8B model initialised on the host takes minutes
         return LlamaForCausalLM._from_config(config, dtype=dtype).eval()
@@ -118,6 +140,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "dtype": args.dtype,
         "random_model": bool(args.random_model),
+        "model_shape": {k: getattr(model.config, k) for k in SHAPE_FIELDS},
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers")},
         "outputs": outputs,
     }
