@@ -5,12 +5,12 @@ A decoding request asks for 1 token, a new one for its whole prompt, and a promp
 the budget gets a chunk now and the rest later (chunked prefill), so prefill and decode share one step. A
 prefill chunk never takes the token that a decoding request behind it needs, so decoding never stalls.
 
-Pages come from a `PagePool`: a new request first takes the leading full pages of its prompt from the prefix
-cache (or, for the samples of one prompt, from the sample admitted first); a page shared by several requests
-is copied before one of them writes into it (copy-on-write). When the pool runs dry, the most recently
-admitted request is preempted: its pages are freed and it recomputes later, or (preemption_mode "swap")
-they are copied to host memory and back. The device copies are listed in `SchedulerOutput`; the engine
-runs them before the step, in the order swap out, swap in, copies.
+Pages come from a `KVCacheManager` over the page pool: a new request first takes the leading full pages of
+its prompt from the prefix cache (or, for the samples of one prompt, from the sample admitted first); a page
+shared by several requests is copied before one of them writes into it (copy-on-write). When the pool runs
+dry, the most recently admitted request is preempted: its pages are freed and it recomputes later, or
+(preemption_mode "swap") they are copied to host memory and back. The device copies are listed in
+`SchedulerOutput`; the engine runs them before the step, in the order swap out, swap in, copies.
 
 Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
 request's pages and tokens), `replace_last_token` (the last token, sampled but not yet computed, becomes
@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from jaxpage.page_pool import PagePool, page_hashes
+from jaxpage.kv_cache_manager import KVCacheManager
+from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -93,15 +94,14 @@ class Scheduler:
         max_model_len), the contiguous-allocation baseline that paging is measured against."""
         assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
         assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
-        self.pool = pool
+        self.pool = pool  # read here for its size; every change goes through the manager
+        self.kv_cache = KVCacheManager(pool, page_size=page_size, num_swap_pages=num_swap_pages)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
-        self.num_swap_pages = num_swap_pages
         self.reserve_max_tokens = reserve_max_tokens
-        self.num_used_swap_pages = 0
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order; preemption takes from the end
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -110,9 +110,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self.num_swap_ins = 0
-        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admission
-        self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
-        self.num_copies = 0
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -146,8 +143,7 @@ class Scheduler:
             and not request.page_ids
             and request.num_computed_tokens == 0
         )
-        if self.pool.enable_prefix_caching:
-            request.page_keys = page_hashes(request.prompt_token_ids, self.page_size, request.extra_key)
+        self.kv_cache.name_prompt_pages(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -170,7 +166,7 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None:
             return None
-        self.pool.uncache(request.page_ids)
+        self.kv_cache.uncache(request)
         self._finish(request, RequestStatus.FINISHED_ERROR)
         return request
 
@@ -207,8 +203,7 @@ class Scheduler:
         child.first_token_time = parent.first_token_time
         self.requests[request_id] = child
         if parent.status == RequestStatus.RUNNING and len(self.running) < self.max_num_seqs:
-            self.pool.share(parent.page_ids)
-            child.page_ids = list(parent.page_ids)
+            self.kv_cache.share_all(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_registered_pages = parent.num_registered_pages
             child.status = RequestStatus.RUNNING
@@ -274,7 +269,7 @@ class Scheduler:
                 i += 1
                 continue
             # Victims come from the end of `running`, behind `request`, so none was scheduled this step yet.
-            while not self._allocate(request, num_new, out.copies):
+            while not self.kv_cache.allocate(request, num_new, out.copies):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is request:
@@ -349,14 +344,14 @@ class Scheduler:
             if request.is_finished:  # aborted or stopped after the step was launched; its pages are free
                 continue
             if not item.samples_token:  # a prompt chunk short of the end: its sample predicts a known token
-                self._cache_full_pages(request)
+                self.kv_cache.cache_full_pages(request)
                 continue
             # A request preempted after its step was launched still gets the token: it was sampled from
             # the whole context. (Its K/V for this step is recomputed or swapped back with the rest.)
             assert request.num_pending_tokens > 0, request
             request.num_pending_tokens -= 1
             request.output_token_ids.append(token_ids[row])
-            self._cache_full_pages(request)
+            self.kv_cache.cache_full_pages(request)
             logprob = logprobs[row]
             request.cumulative_logprob += logprob
             if request.sampling_params.logprobs is not None:
@@ -371,9 +366,6 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------------------------
 
-    def _pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
     def _is_decoding(self, request: Request) -> bool:
         pending = request.num_tokens - request.num_computed_tokens
         held = request.request_id in self.held
@@ -387,80 +379,31 @@ class Scheduler:
             or request.num_tokens >= self.max_model_len
         )
 
-    def _allocate(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> bool:
-        """Gives the request pages for its next `num_new` tokens, first copying a shared page it is about to
-        write into; False (changing nothing) if too few pages are free."""
-        first = request.num_computed_tokens
-        index = first // self.page_size  # the page the first new token goes to
-        cow = index < len(request.page_ids) and self.pool.ref_count(request.page_ids[index]) > 1
-        # A cached page is full and computed: only a sibling that forked off before its last token writes
-        # into one again (the same token), and then into a private copy.
-        assert cow or index >= len(request.page_ids) or not self.pool.is_cached(request.page_ids[index])
-        # Reserved pages (reserve_max_tokens) may already cover the new tokens, but not a shared page's copy.
-        needed = max(0, self._pages_for(first + num_new) - len(request.page_ids)) + cow
-        if needed == 0:
-            return True
-        if not self.pool.can_allocate(needed):
-            return False
-        if cow:
-            shared = request.page_ids[index]
-            (private,) = self.pool.allocate(1)
-            # A sibling sample admitted this step may share a page that is itself a copy made this step; it
-            # holds its content only once the copies run, and they all read the pool as it was before them.
-            origin = next((src for src, dst in copies if dst == shared), shared)
-            copies.append((origin, private))
-            self.pool.free([shared])
-            request.page_ids[index] = private
-            self.num_copies += 1
-            needed -= 1
-        request.page_ids.extend(self.pool.allocate(needed))
-        return True
-
     def _admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
         """Gives the head of the queue its pages and schedules it; False (holding nothing) if it must wait."""
         # A request preempted while its step was in flight got that step's token before this schedule.
         assert request.num_pending_tokens == 0, request
+        kv = self.kv_cache
         if request.status == RequestStatus.SWAPPED:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            needed = max(self._pages_for(request.num_computed_tokens + num_new), request.num_swapped_pages)
-            if not self.pool.can_allocate(needed):
+            needed = max(kv.pages_for(request.num_computed_tokens + num_new), request.num_swapped_pages)
+            swapped = kv.swap_in(request, max(needed, self._reserved_pages(request)))
+            if swapped is None:
                 return False
-            needed = max(needed, self._reserved_pages(request))
-            if not self.pool.can_allocate(needed):
-                return False
-            pages = self.pool.allocate(needed)
-            out.swap_in[request.request_id] = pages[: request.num_swapped_pages]
-            request.page_ids = pages
-            self.num_used_swap_pages -= request.num_swapped_pages
-            request.num_swapped_pages = 0
+            out.swap_in[request.request_id] = swapped
             self.num_swap_ins += 1
             out.scheduled.append(ScheduledRequest(request, num_new))
             return True
 
-        assert not request.page_ids and request.num_computed_tokens == 0, request
-        # At least the last token is computed, for its logits.
-        reusable = request.num_tokens - 1
-        source = request.fork_source
-        if source is not None and source.status == RequestStatus.RUNNING and not request.output_token_ids:
-            if source.num_computed_tokens < reusable:
-                return False  # wait for the sibling sample to compute the shared prompt
-            request.page_ids = source.page_ids[: self._pages_for(reusable)]
-            self.pool.share(request.page_ids)
-            request.num_computed_tokens = reusable
-        else:
-            request.page_ids = self.pool.lookup(request.page_keys[: reusable // self.page_size])
-            request.num_computed_tokens = len(request.page_ids) * self.page_size
+        if not kv.take_prefix(request):
+            return False  # wait for the sibling sample to compute the shared prompt
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-        if not (self._allocate(request, num_new, out.copies) and self._reserve(request)):
-            self.pool.free(request.page_ids[::-1])
-            request.page_ids = []
+        reserved = self._reserved_pages(request)
+        if not (kv.allocate(request, num_new, out.copies) and kv.top_up(request, reserved)):
+            kv.free(request)
             request.num_computed_tokens = 0
             return False
-        request.num_registered_pages = request.num_computed_tokens // self.page_size
-        if request.first_scheduled_time is None:  # count each request's hits once, not again after preemption
-            self.num_prefix_query_tokens += request.num_prompt_tokens
-            self.num_prefix_hit_tokens += request.num_computed_tokens
-            request.num_cached_tokens = request.num_computed_tokens
+        kv.count_prefix_hit(request)
         out.scheduled.append(ScheduledRequest(request, num_new))
         return True
 
@@ -468,58 +411,24 @@ class Scheduler:
         """Pages the request holds once it has every token it may get (its last token's K/V is never
         written)."""
         max_total = min(request.num_prompt_tokens + request.sampling_params.max_tokens, self.max_model_len)
-        return self._pages_for(max_total - 1)
+        return self.kv_cache.pages_for(max_total - 1)
 
     def _reserved_pages(self, request: Request) -> int:
         """Pages a request holds from admission on when reserving: those of every token it may still get
         (its last token's K/V is never written). 0 when paging."""
         return self._max_pages(request) if self.reserve_max_tokens else 0
 
-    def _reserve(self, request: Request) -> bool:
-        """Tops the request's pages up to its reservation; False (taking none) if too few are free."""
-        missing = self._reserved_pages(request) - len(request.page_ids)
-        if missing <= 0:
-            return True
-        if not self.pool.can_allocate(missing):
-            return False
-        request.page_ids.extend(self.pool.allocate(missing))
-        return True
-
-    def _cache_full_pages(self, request: Request) -> None:
-        if not self.pool.enable_prefix_caching or request.status != RequestStatus.RUNNING:
-            return
-        # Computed tokens are known once the pending ones before them arrived; a page whose K/V a step in
-        # flight still writes is read only by later steps, which the device runs after it.
-        num_known = request.num_prompt_tokens + request.num_output_tokens
-        num_full = min(request.num_computed_tokens, num_known) // self.page_size
-        if num_full <= request.num_registered_pages:
-            return
-        if len(request.page_keys) < num_full:
-            tokens = request.all_token_ids[: num_full * self.page_size]
-            request.page_keys = page_hashes(tokens, self.page_size, request.extra_key, request.page_keys)
-        for index in range(request.num_registered_pages, num_full):
-            self.pool.cache(request.page_ids[index], request.page_keys[index])
-        request.num_registered_pages = num_full
-
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        num_pages = len(request.page_ids)
-        swap = (
-            self.preemption_mode == "swap"
-            and self.num_used_swap_pages + num_pages <= self.num_swap_pages
-            and request.num_computed_tokens > 0
-        )
-        if swap:  # all of its pages go to host memory, or none (recompute)
-            out.swap_out[request.request_id] = list(request.page_ids)
-            request.num_swapped_pages = num_pages
-            self.num_used_swap_pages += num_pages
+        if self.preemption_mode == "swap" and self.kv_cache.can_swap_out(request):
+            # All of its pages go to host memory, or none (recompute).
+            out.swap_out[request.request_id] = self.kv_cache.swap_out(request)
             self.num_swap_outs += 1
             request.status = RequestStatus.SWAPPED
         else:
             request.num_computed_tokens = 0
             request.num_registered_pages = 0
             request.status = RequestStatus.PREEMPTED
-        self.pool.free(request.page_ids[::-1])
-        request.page_ids = []
+        self.kv_cache.free(request)
         request.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(request)
@@ -544,10 +453,8 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         if request.status == RequestStatus.SWAPPED:
-            self.num_used_swap_pages -= request.num_swapped_pages
-            request.num_swapped_pages = 0
-        self.pool.free(request.page_ids[::-1])
-        request.page_ids = []
+            self.kv_cache.release_swap(request)
+        self.kv_cache.free(request)
         request.num_pending_tokens = 0  # sampled after its end: never reported
         request.status = status
         request.finished_time = time.monotonic()

@@ -253,8 +253,8 @@ def _check(
         problems.append(f"pool invariants: {error}")
     if engine.scheduler.requests or engine.scheduler.waiting or engine.scheduler.running:
         problems.append(f"requests stuck in the scheduler: {list(engine.scheduler.requests)[:5]}")
-    if engine.scheduler.num_used_swap_pages:
-        problems.append(f"{engine.scheduler.num_used_swap_pages} swap pages leaked")
+    if engine.scheduler.kv_cache.num_used_swap_pages:
+        problems.append(f"{engine.scheduler.kv_cache.num_used_swap_pages} swap pages leaked")
     for name in ("_groups", "_group_of", "_beams", "_beam_of", "_text", "_swapped"):
         if getattr(engine, name):
             problems.append(f"engine.{name} still holds {len(getattr(engine, name))} entries")

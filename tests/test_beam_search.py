@@ -231,10 +231,14 @@ def serve(groups, plain, *, num_pages, page_size, max_num_seqs, budget, mode="re
         pages = {p for r in sched.running for p in r.page_ids}
         stats["max_ref_count"] = max([stats["max_ref_count"]] + [pool.ref_count(p) for p in pages])
         stats["max_held"] = max(stats["max_held"], len(sched.held))
-    assert pool.num_free_pages == pool.num_usable_pages and sched.num_used_swap_pages == 0 and not model.host
+    assert (
+        pool.num_free_pages == pool.num_usable_pages
+        and sched.kv_cache.num_used_swap_pages == 0
+        and not model.host
+    )
     assert not sched.held and all(group.finished for group in groups)
     return stats | dict(
-        preemptions=sched.num_preemptions, swap_outs=sched.num_swap_outs, copies=sched.num_copies
+        preemptions=sched.num_preemptions, swap_outs=sched.num_swap_outs, copies=sched.kv_cache.num_copies
     )
 
 

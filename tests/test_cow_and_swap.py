@@ -24,7 +24,7 @@ def assert_pool_full(llm):
     engine = llm.engine
     assert not engine.has_unfinished_requests()
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages
-    assert engine.scheduler.num_used_swap_pages == 0 and not engine._swapped
+    assert engine.scheduler.kv_cache.num_used_swap_pages == 0 and not engine._swapped
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,11 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
     for r in sched.running:
         assert len(r.page_ids) == -(-r.num_computed_tokens // sched.page_size), r
     swapped = [r for r in sched.waiting if r.status == RequestStatus.SWAPPED]
-    assert sched.num_used_swap_pages == sum(r.num_swapped_pages for r in swapped) <= sched.num_swap_pages
+    assert (
+        sched.kv_cache.num_used_swap_pages
+        == sum(r.num_swapped_pages for r in swapped)
+        <= sched.kv_cache.num_swap_pages
+    )
     assert set(model.host) == {r.request_id for r in swapped}
     for page, key in pool._key_of.items():  # a hit must hand out exactly the tokens of its key
         assert [token for _, token in model.page(page)] == list(key.token_ids), page
@@ -152,7 +156,7 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     while sched.has_unfinished_requests:
         step()
         check_invariants(sched, model)
-    assert pool.num_free_pages == pool.num_usable_pages and sched.num_used_swap_pages == 0
+    assert pool.num_free_pages == pool.num_usable_pages and sched.kv_cache.num_used_swap_pages == 0
     for request in added:
         expected, reason = expected_output(request, forced.get(request.request_id, []))
         if request.request_id in aborted:

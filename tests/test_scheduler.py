@@ -369,7 +369,7 @@ def test_held_requests_give_way_when_nothing_else_can_run(mode):
     run_to_completion(sched, model)
     for r in (first, second):
         assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params)[0]
-    assert pool.num_free_pages == pool.num_usable_pages and sched.num_used_swap_pages == 0
+    assert pool.num_free_pages == pool.num_usable_pages and sched.kv_cache.num_used_swap_pages == 0
 
 
 def test_fork_without_a_free_row_or_of_a_queued_parent_waits_and_computes_its_tokens():

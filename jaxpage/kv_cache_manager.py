@@ -1,0 +1,171 @@
+"""A request's pages: what the scheduler asks for when it has decided who runs.
+
+The scheduler owns the policy (admission order, token budgets, which request to preempt); this owns the
+page pool and every request-level page operation under it: naming a prompt's pages for the prefix cache,
+taking a new request's cached (or sibling-shared) prefix, allocating pages for the next tokens with
+copy-on-write of a shared page, topping a reservation up, offering newly full pages to the prefix cache,
+freeing, and the accounting of swap space. Page contents never pass through here: the device work (copies,
+swaps) is returned as lists of page ids for the engine to run.
+"""
+
+from jaxpage.page_pool import PagePool, page_hashes
+from jaxpage.request import Request, RequestStatus
+
+
+class KVCacheManager:
+    def __init__(self, pool: PagePool, *, page_size: int, num_swap_pages: int = 0):
+        assert page_size > 0 and num_swap_pages >= 0
+        self.pool = pool
+        self.page_size = page_size
+        self.num_swap_pages = num_swap_pages
+        self.num_used_swap_pages = 0
+        # Counters for the metrics.
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admission
+        self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
+        self.num_copies = 0
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.pool.enable_prefix_caching
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def name_prompt_pages(self, request: Request) -> None:
+        """Names the prompt's full pages by their hash chain, so admission can look them up."""
+        if self.pool.enable_prefix_caching:
+            request.page_keys = page_hashes(request.prompt_token_ids, self.page_size, request.extra_key)
+
+    # ---- admission -----------------------------------------------------------------------------------------
+
+    def take_prefix(self, request: Request) -> bool:
+        """Gives a request without pages the leading pages it need not compute: a running sibling sample's
+        (the samples of one prompt share it) or the prefix cache's. At least the last token is left to
+        compute, for its logits. False, taking nothing, when the sibling has not computed the prompt yet."""
+        assert not request.page_ids and request.num_computed_tokens == 0, request
+        reusable = request.num_tokens - 1
+        source = request.fork_source
+        if source is not None and source.status == RequestStatus.RUNNING and not request.output_token_ids:
+            if source.num_computed_tokens < reusable:
+                return False
+            request.page_ids = source.page_ids[: self.pages_for(reusable)]
+            self.pool.share(request.page_ids)
+            request.num_computed_tokens = reusable
+        else:
+            request.page_ids = self.pool.lookup(request.page_keys[: reusable // self.page_size])
+            request.num_computed_tokens = len(request.page_ids) * self.page_size
+        return True
+
+    def count_prefix_hit(self, request: Request) -> None:
+        """Records an admitted request's prefix hit, once per request (not again after a preemption)."""
+        request.num_registered_pages = request.num_computed_tokens // self.page_size
+        if request.first_scheduled_time is None:
+            self.num_prefix_query_tokens += request.num_prompt_tokens
+            self.num_prefix_hit_tokens += request.num_computed_tokens
+            request.num_cached_tokens = request.num_computed_tokens
+
+    def share_all(self, parent: Request, child: Request) -> None:
+        """The child takes every page of the parent (a forked beam); both hold them."""
+        self.pool.share(parent.page_ids)
+        child.page_ids = list(parent.page_ids)
+
+    # ---- pages for the next tokens -------------------------------------------------------------------------
+
+    def allocate(self, request: Request, num_new: int, copies: list[tuple[int, int]]) -> bool:
+        """Gives the request pages for its next `num_new` tokens, first copying a shared page it is about to
+        write into (appended to `copies` as (source, destination)); False, changing nothing, if too few pages
+        are free."""
+        first = request.num_computed_tokens
+        index = first // self.page_size  # the page the first new token goes to
+        cow = index < len(request.page_ids) and self.pool.ref_count(request.page_ids[index]) > 1
+        # A cached page is full and computed: only a sibling that forked off before its last token writes
+        # into one again (the same token), and then into a private copy.
+        assert cow or index >= len(request.page_ids) or not self.pool.is_cached(request.page_ids[index])
+        # Reserved pages may already cover the new tokens, but not a shared page's copy.
+        needed = max(0, self.pages_for(first + num_new) - len(request.page_ids)) + cow
+        if needed == 0:
+            return True
+        if not self.pool.can_allocate(needed):
+            return False
+        if cow:
+            shared = request.page_ids[index]
+            (private,) = self.pool.allocate(1)
+            # A sibling sample admitted this step may share a page that is itself a copy made this step; it
+            # holds its content only once the copies run, and they all read the pool as it was before them.
+            origin = next((src for src, dst in copies if dst == shared), shared)
+            copies.append((origin, private))
+            self.pool.free([shared])
+            request.page_ids[index] = private
+            self.num_copies += 1
+            needed -= 1
+        request.page_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def top_up(self, request: Request, num_pages: int) -> bool:
+        """Tops the request's pages up to `num_pages` (a reservation); False, taking none, if too few are
+        free."""
+        missing = num_pages - len(request.page_ids)
+        if missing <= 0:
+            return True
+        if not self.pool.can_allocate(missing):
+            return False
+        request.page_ids.extend(self.pool.allocate(missing))
+        return True
+
+    def cache_full_pages(self, request: Request) -> None:
+        """Offers the request's newly full, computed pages to the prefix cache."""
+        if not self.pool.enable_prefix_caching or request.status != RequestStatus.RUNNING:
+            return
+        # Computed tokens are known once the pending ones before them arrived; a page whose K/V a step in
+        # flight still writes is read only by later steps, which the device runs after it.
+        num_known = request.num_prompt_tokens + request.num_output_tokens
+        num_full = min(request.num_computed_tokens, num_known) // self.page_size
+        if num_full <= request.num_registered_pages:
+            return
+        if len(request.page_keys) < num_full:
+            tokens = request.all_token_ids[: num_full * self.page_size]
+            request.page_keys = page_hashes(tokens, self.page_size, request.extra_key, request.page_keys)
+        for index in range(request.num_registered_pages, num_full):
+            self.pool.cache(request.page_ids[index], request.page_keys[index])
+        request.num_registered_pages = num_full
+
+    # ---- giving pages back ---------------------------------------------------------------------------------
+
+    def free(self, request: Request) -> None:
+        """Gives all of the request's pages back (last first, so the pool hands out the newest last)."""
+        self.pool.free(request.page_ids[::-1])
+        request.page_ids = []
+
+    def uncache(self, request: Request) -> None:
+        """Takes the request's pages out of the prefix cache (their K/V must not be reused)."""
+        self.pool.uncache(request.page_ids)
+
+    # ---- swap space ----------------------------------------------------------------------------------------
+
+    def can_swap_out(self, request: Request) -> bool:
+        return (
+            self.num_used_swap_pages + len(request.page_ids) <= self.num_swap_pages
+            and request.num_computed_tokens > 0
+        )
+
+    def swap_out(self, request: Request) -> list[int]:
+        """Books swap space for all of the request's pages; returns them (to copy to the host before they are
+        freed)."""
+        pages = list(request.page_ids)
+        request.num_swapped_pages = len(pages)
+        self.num_used_swap_pages += len(pages)
+        return pages
+
+    def swap_in(self, request: Request, num_pages: int) -> list[int] | None:
+        """`num_pages` fresh pages for a swapped request; returns the first ones, which receive its swapped
+        pages. None, taking nothing, if too few are free."""
+        if not self.pool.can_allocate(num_pages):
+            return None
+        request.page_ids = self.pool.allocate(num_pages)
+        swapped = request.page_ids[: request.num_swapped_pages]
+        self.release_swap(request)
+        return swapped
+
+    def release_swap(self, request: Request) -> None:
+        self.num_used_swap_pages -= request.num_swapped_pages
+        request.num_swapped_pages = 0

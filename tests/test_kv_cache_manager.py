@@ -1,0 +1,72 @@
+"""The page side of scheduling (jaxpage/kv_cache_manager.py), without a scheduler: a prefix taken from the
+cache, copy-on-write of a shared page, and swap-space accounting. The scheduler's own tests and the pool
+property test cover the same operations inside whole schedules."""
+
+from jaxpage.kv_cache_manager import KVCacheManager
+from jaxpage.page_pool import PagePool
+from jaxpage.request import Request, RequestStatus
+from jaxpage.sampling_params import SamplingParams
+
+PAGE = 4
+
+
+def _request(request_id, prompt):
+    return Request(request_id, list(prompt), SamplingParams(max_tokens=8, temperature=0))
+
+
+def _manager(num_pages=16, num_swap_pages=0):
+    pool = PagePool(num_pages, enable_prefix_caching=True)
+    return KVCacheManager(pool, page_size=PAGE, num_swap_pages=num_swap_pages)
+
+
+def test_a_prompt_takes_the_cached_pages_of_an_earlier_one_but_computes_its_last_token():
+    kv = _manager()
+    first = _request("a", range(10))
+    kv.name_prompt_pages(first)
+    assert kv.take_prefix(first) and first.page_ids == [] and first.num_computed_tokens == 0
+    assert kv.allocate(first, 10, copies := [])
+    first.status, first.num_computed_tokens = RequestStatus.RUNNING, 10
+    kv.cache_full_pages(first)  # pages 0 and 1 are full
+    kv.free(first)
+
+    second = _request("b", range(8))  # the same 8 tokens: two full pages, but its last token is computed
+    kv.name_prompt_pages(second)
+    assert kv.take_prefix(second)
+    assert second.num_computed_tokens == PAGE and len(second.page_ids) == 1
+    kv.count_prefix_hit(second)
+    second.first_scheduled_time = 1.0  # as the scheduler stamps it: a readmission after preemption
+    kv.count_prefix_hit(second)  # counts nothing again
+    assert kv.num_prefix_hit_tokens == PAGE and kv.num_prefix_query_tokens == 8
+    assert copies == []
+
+
+def test_writing_into_a_shared_page_copies_it_first():
+    kv = _manager()
+    parent = _request("p", range(6))
+    assert kv.allocate(parent, 6, [])
+    parent.num_computed_tokens = 6
+    child = _request("c", range(6))
+    kv.share_all(parent, child)
+    child.num_computed_tokens = 6
+    assert kv.pool.ref_count(parent.page_ids[1]) == 2
+    copies = []
+    assert kv.allocate(child, 1, copies)  # token 6 goes into the shared, partly filled page 1
+    assert copies == [(parent.page_ids[1], child.page_ids[1])] and kv.num_copies == 1
+    assert child.page_ids[0] == parent.page_ids[0] and child.page_ids[1] != parent.page_ids[1]
+    assert kv.pool.ref_count(parent.page_ids[1]) == 1
+
+
+def test_swap_space_is_booked_on_swap_out_and_given_back_on_swap_in():
+    kv = _manager(num_pages=8, num_swap_pages=3)
+    request = _request("s", range(10))
+    assert kv.allocate(request, 10, [])
+    request.num_computed_tokens = 10
+    assert kv.can_swap_out(request)
+    pages = kv.swap_out(request)
+    kv.free(request)
+    assert len(pages) == 3 and kv.num_used_swap_pages == 3 and request.num_swapped_pages == 3
+    assert not kv.can_swap_out(_request("t", range(2)))  # nothing computed: recomputing costs nothing
+    back = kv.swap_in(request, 4)  # one more page than it had: its next token opens a page
+    assert len(back) == 3 and len(request.page_ids) == 4 and back == request.page_ids[:3]
+    assert kv.num_used_swap_pages == 0 and request.num_swapped_pages == 0
+    assert kv.swap_in(_request("u", range(2)), 100) is None
