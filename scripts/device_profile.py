@@ -19,7 +19,7 @@ import numpy as np
 # Substrings of kernel names, in the order they are tried: Pallas kernels carry their pallas_call names.
 _KINDS = (
     ("attention", ("attention",)),
-    ("kv_write", ("kv_write",)),
+    ("kv_write", ("write_kv", "kv_write")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy")),
 )

@@ -23,7 +23,7 @@ def _trace():
         ("sm90_xmma_gemm_bf16", 0.0, 10.0, 7),
         ("MemcpyH2D", 5.0, 10.0, 8),
         ("paged_decode_attention", 20.0, 4.0, 7),
-        ("loop_add_fusion", 30.0, 2.0, 7),
+        ("write_kv", 30.0, 2.0, 7),
         ("sm90_xmma_gemm_bf16", 40.0, 10.0, 7),
     ]
     events = [{"ph": "X", "pid": 2, "tid": t, "ts": s, "dur": d, "name": n} for n, s, d, t in kernels]
@@ -33,7 +33,7 @@ def _trace():
 
 def test_only_device_events_are_counted():
     names = {name for name, _, _ in device_profile.device_events(_trace())}
-    assert names == {"sm90_xmma_gemm_bf16", "MemcpyH2D", "paged_decode_attention", "loop_add_fusion"}
+    assert names == {"sm90_xmma_gemm_bf16", "MemcpyH2D", "paged_decode_attention", "write_kv"}
 
 
 def test_summary_per_step_by_name_and_kind():
@@ -47,7 +47,7 @@ def test_summary_per_step_by_name_and_kind():
     assert (top["name"], top["kind"], top["calls_per_step"]) == ("sm90_xmma_gemm_bf16", "matmul", 1.0)
     assert top["ms_per_step"] == pytest.approx(20 / 1e3 / 2)
     assert summary["by_kind_ms"] == pytest.approx(
-        {"matmul": 0.01, "copy": 0.005, "attention": 0.002, "other": 0.001}
+        {"matmul": 0.01, "copy": 0.005, "attention": 0.002, "kv_write": 0.001}
     )
     assert "paged_decode_attention" in device_profile.describe(summary)
 
