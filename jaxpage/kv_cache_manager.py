@@ -24,10 +24,6 @@ class KVCacheManager:
         self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
         self.num_copies = 0
 
-    @property
-    def enable_prefix_caching(self) -> bool:
-        return self.pool.enable_prefix_caching
-
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
@@ -57,7 +53,8 @@ class KVCacheManager:
         return True
 
     def count_prefix_hit(self, request: Request) -> None:
-        """Records an admitted request's prefix hit, once per request (not again after a preemption)."""
+        """For an admitted request: its computed pages count as offered to the prefix cache, and its prefix
+        hit is recorded, once per request (not again after a preemption)."""
         request.num_registered_pages = request.num_computed_tokens // self.page_size
         if request.first_scheduled_time is None:
             self.num_prefix_query_tokens += request.num_prompt_tokens

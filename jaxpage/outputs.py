@@ -57,7 +57,7 @@ class TextState:
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         # No one reads a final-only request's text before it ends, and without stop strings nothing depends
         # on it: its tokens are detokenized in one go at the end (the same text for byte-level BPE
-        # tokenizers, where decoding is concatenation; tests/test_outputs.py checks SmolLM2's).
+        # tokenizers, where decoding is concatenation; tests/test_tokenizer.py checks SmolLM2's).
         self.deferred = request.sampling_params.output_kind == "final_only" and not self.stop
         self.text = ""
         self.released = 0  # characters of text already handed out

@@ -73,11 +73,12 @@ def warmup(kv_pool: KVPool, max_copies: int, max_swap_pages: int) -> KVPool:
     """Compiles the moves of every padded size a step can ask for (up to `max_copies` copy-on-write copies,
     and swaps of up to `max_swap_pages` pages; 0: no swapping) by running them on the null page, which
     changes nothing visible. Returns the pool (the argument is donated)."""
-    sizes = lambda limit: [1 << i for i in range(max(0, limit - 1).bit_length() + 1)] if limit else []  # noqa: E731
-    for size in sizes(max_copies):
-        null = np.zeros(size, np.int32)
+
+    def null_pages(limit: int) -> list[np.ndarray]:  # each size `_padded` gives moves of 1 .. limit pages
+        return list({len(p): p for p in (_padded([0] * n) for n in range(1, limit + 1))}.values())
+
+    for null in null_pages(max_copies):
         kv_pool = _copy(kv_pool, null, null)
-    for size in sizes(max_swap_pages):
-        null = np.zeros(size, np.int32)
+    for null in null_pages(max_swap_pages):
         kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
     return kv_pool

@@ -82,9 +82,8 @@ def test_output_kinds_deliver_the_same_completions(llm):
     params = [
         SamplingParams(max_tokens=14, temperature=0, stop="ing", logprobs=2),
         SamplingParams(max_tokens=9, temperature=0.8, seed=3, n=2, prompt_logprobs=1),
-        SamplingParams(
-            max_tokens=11, temperature=0
-        ),  # no stop strings: final-only text is decoded at the end
+        # No stop strings: final-only text is decoded at the end.
+        SamplingParams(max_tokens=11, temperature=0),
     ]
     cumulative = _completions_of_each_kind(llm, prompts, params, "cumulative")
     finals = {o.request_id: o for o in cumulative if o.finished}
