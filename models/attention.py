@@ -43,9 +43,8 @@ def paged_attention(
     decode_only: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
     """`decode_only` (static) promises that every row has at most one token, row b's at index b, as in a
-    decode step; the Pallas backends then run the decode kernel alone, which reads each row's pages once for
-    all of a KV head's query heads instead of the ragged kernel's per-token blocks. Otherwise they run both:
-    the decode kernel for the rows of one token, the ragged kernel for the rest."""
+    decode step; the Pallas backends then run the decode kernel, which reads each row's pages once for all of
+    a KV head's query heads instead of the ragged kernel's per-token blocks."""
     check_backend(backend)
     k_pages, v_pages = kv_pages
     if backend in _JNP_ATTENTION:
@@ -60,32 +59,17 @@ def paged_attention(
 
     interpret = backend == "pallas_interpret"
     k_pages, v_pages = write_kv(k, v, k_pages, v_pages, metadata.slot_mapping, interpret=interpret)
-    from pallas_kernels.paged_attention import paged_attention as decode_attention
-
-    num_tokens, num_rows = q.shape[0], metadata.kv_lens.shape[0]
     if decode_only:
+        from pallas_kernels.paged_attention import paged_attention as decode_attention
+
+        num_rows = metadata.kv_lens.shape[0]
         rows_out = decode_attention(
             q[:num_rows], k_pages, v_pages, metadata.kv_lens, metadata.page_table, interpret=interpret
         )
         # Tokens past the rows are padding (the bucket may hold more tokens than rows): zeros, discarded.
         out = jnp.zeros_like(q).at[:num_rows].set(rows_out)
         return out, (k_pages, v_pages)
-    # A mixed step: its one-token rows (decoding requests) take the decode kernel too. In the ragged kernel
-    # each would fill a q block of its own, and 256 decode rows of an 8B model's admission step cost ~3x
-    # their bytes there (benchmarks/README.md). The other rows' kv_len 0 makes the decode kernel skip them.
-    first_token = metadata.cu_q_lens[:-1]
-    single = metadata.cu_q_lens[1:] - first_token == 1
-    rows_out = decode_attention(
-        q[jnp.minimum(first_token, num_tokens - 1)],
-        k_pages,
-        v_pages,
-        jnp.where(single, metadata.kv_lens, 0),
-        metadata.page_table,
-        interpret=interpret,
-    )
     out = ragged_paged_attention(
-        q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens,
-        interpret=interpret, skip_rows=single,
-    )  # fmt: skip
-    # Rows of several tokens write nowhere (their index is out of range and dropped).
-    return out.at[jnp.where(single, first_token, num_tokens)].set(rows_out, mode="drop"), (k_pages, v_pages)
+        q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens, interpret=interpret
+    )
+    return out, (k_pages, v_pages)

@@ -126,25 +126,6 @@ class TestRaggedPagedAttentionInterpret:
         out = jax.jit(kernel)(*args)
         assert_matches_reference(args, out, jnp.float32, sm_scale=0.3)
 
-    def test_skipped_rows_output_zeros_and_leave_the_others_alone(self):
-        q_lens, kv_lens = (1, 9, 1, 17), (30, 9, 5, 50)
-        args = make_paged_case(
-            3, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=8,
-            dtype=jnp.float32,
-        )  # fmt: skip
-        skip = jnp.array([True, False, True, False])
-        out = jax.jit(functools.partial(ragged_paged_attention, interpret=self.INTERPRET))(
-            *args, skip_rows=skip
-        )
-        expected = jax.jit(ragged_paged_attention_reference)(*args)
-        cu = np.cumsum((0, *q_lens))
-        for b, skipped in enumerate(skip.tolist()):
-            got, want = np.asarray(out[cu[b] : cu[b + 1]]), np.asarray(expected[cu[b] : cu[b + 1]])
-            if skipped:
-                np.testing.assert_array_equal(got, 0.0)
-            else:
-                np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-
 
 class TestRaggedInputChecks:
     def _args(self, **kw):
