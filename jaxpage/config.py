@@ -25,6 +25,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_positive_int(name: str, value) -> None:
     if not (_is_int(value) and value > 0):
         raise ValueError(f"engine config field {name} must be a positive int, got {value!r}")
@@ -74,6 +78,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
     preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
     swap_space_gib: float = 4.0  # host memory holding swapped-out pages (preemption_mode "swap")
+    # Tiers under the prefix cache (AttentionStore): cached pages evicted from the device pool are saved to
+    # host memory (this many GiB; None: no tiers), and from there to files under kv_disk_cache_dir (at most
+    # kv_disk_cache_gib; None: no disk tier). A prefix lookup that misses the pool continues there.
+    kv_host_cache_gib: float | None = None
+    kv_disk_cache_dir: str | None = None
+    kv_disk_cache_gib: float = 10.0
+    # The tiers' look-ahead: pages queued requests will look up are read from disk into host memory while
+    # they wait, and host memory first evicts pages no queued request wants. False: plain LRU, and disk
+    # reads on demand.
+    kv_tier_lookahead: bool = True
     # "paged": pages are taken as tokens arrive. "reserved": a request takes, at admission, the pages of its
     # whole prompt + max_tokens (the contiguous allocation of FasterTransformer and Orca), the baseline the
     # PagedAttention paper compares against; only for that comparison.
@@ -166,6 +180,28 @@ class EngineConfig:
             isinstance(swap, int | float) and not isinstance(swap, bool) and math.isfinite(swap) and swap >= 0
         ):
             raise ValueError(f"engine config field swap_space_gib must be a number >= 0, got {swap!r}")
+        for name in ("kv_host_cache_gib", "kv_disk_cache_gib"):
+            value = getattr(self, name)
+            if name == "kv_host_cache_gib" and value is None:
+                continue
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"engine config field {name} must be a positive number, got {value!r}")
+        if self.kv_disk_cache_dir is not None:
+            if not (isinstance(self.kv_disk_cache_dir, str) and self.kv_disk_cache_dir):
+                value = self.kv_disk_cache_dir
+                raise ValueError(
+                    f"engine config field kv_disk_cache_dir must be a non-empty path, got {value!r}"
+                )
+            if self.kv_host_cache_gib is None:
+                raise ValueError(
+                    "engine config field kv_disk_cache_dir needs kv_host_cache_gib: the disk tier holds what "
+                    "the host tier evicts"
+                )
+        if self.kv_host_cache_gib is not None and not self.enable_prefix_caching:
+            raise ValueError(
+                "engine config field kv_host_cache_gib needs enable_prefix_caching: the tiers are keyed by "
+                "the prefix cache's page names"
+            )
         if not (_is_int(self.max_logprobs) and self.max_logprobs >= 0):
             raise ValueError(
                 f"engine config field max_logprobs must be an int >= 0, got {self.max_logprobs!r}"
@@ -175,6 +211,9 @@ class EngineConfig:
                 "engine config field compile_after_warmup must be 'warn' or 'error', got "
                 f"{self.compile_after_warmup!r}"
             )
+        if not isinstance(self.kv_tier_lookahead, bool):
+            value = self.kv_tier_lookahead
+            raise ValueError(f"engine config field kv_tier_lookahead must be a bool, got {value!r}")
         if not isinstance(self.overlap_steps, bool):
             raise ValueError(f"engine config field overlap_steps must be a bool, got {self.overlap_steps!r}")
         if not isinstance(self.warmup_prompt_logprobs, bool):

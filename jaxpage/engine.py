@@ -31,6 +31,7 @@ from jaxpage.batch import (
 )
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
+from jaxpage.kv_tiers import DiskTier, KVStore, PendingPage, as_array
 from jaxpage.metrics import EngineMetrics
 from jaxpage.outputs import (
     RequestOutput,
@@ -108,13 +109,18 @@ class LLMEngine:
                 f"({model_config.max_position_embeddings})"
             )
         config.check_page_buckets(self.max_model_len)
+        bytes_per_page = kv_bytes_per_page(model_config, config.page_size)
+        model_id = (
+            f"random(seed={config.seed}, scale={random_weight_scale})"
+            if random_model
+            else _checkpoint_identity(model_path)
+        )
+        self.store = _kv_store(config, model_config, bytes_per_page, model_id)
         self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size)
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
         if config.preemption_mode == "swap":
-            num_swap_pages = int(config.swap_space_gib * 2**30) // kv_bytes_per_page(
-                model_config, config.page_size
-            )
+            num_swap_pages = int(config.swap_space_gib * 2**30) // bytes_per_page
         self.scheduler = Scheduler(
             self.pool,
             page_size=config.page_size,
@@ -124,7 +130,11 @@ class LLMEngine:
             preemption_mode=config.preemption_mode,
             reserve_max_tokens=config.kv_allocation == "reserved",
             num_swap_pages=num_swap_pages,
+            store=self.store,
         )
+        # Pages one move to or from the tiers carries at most: a step's saves and loads go in chunks of this
+        # many, so warm-up compiles every size they use.
+        self._max_move_pages = config.pages_per_seq(self.max_model_len)
         self._text: dict[str, TextState] = {}  # by sample request id
         self._groups: dict[str, SampleGroup] = {}  # by request id
         self._group_of: dict[str, SampleGroup] = {}  # by sample request id
@@ -375,6 +385,10 @@ class LLMEngine:
             num_swap_ins=scheduler.num_swap_ins,
             num_copies=scheduler.kv_cache.num_copies,
             num_evictions=self.pool.num_evictions,
+            host_hit_tokens=scheduler.kv_cache.tier_hit_tokens["host"],
+            disk_hit_tokens=scheduler.kv_cache.tier_hit_tokens["disk"],
+            num_host_pages=self.store.num_host_pages if self.store else 0,
+            num_disk_pages=len(self.store.disk) if self.store and self.store.disk else 0,
             num_compiles_after_warmup=self._num_compiles_after_warmup,
         )
 
@@ -383,12 +397,18 @@ class LLMEngine:
         (`metrics().num_compiles_after_warmup` counts the exceptions). Returns `Runner.warmup`'s seconds per
         bucket."""
         seconds = self.runner.warmup()
-        # A step copies at most one page per row (copy-on-write) and swaps one request's pages at a time.
-        swap_pages = (
-            self.config.pages_per_seq(self.max_model_len) if self.config.preemption_mode == "swap" else 0
-        )
-        self.runner.kv_pool = page_copy.warmup(self.runner.kv_pool, self.config.max_num_seqs, swap_pages)
+        # A step copies at most one page per row (copy-on-write), swaps one request's pages at a time and
+        # moves pages to and from the tiers in chunks of as many.
+        moves = self.config.preemption_mode == "swap" or self.store is not None
+        move_pages = self._max_move_pages if moves else 0
+        self.runner.kv_pool = page_copy.warmup(self.runner.kv_pool, self.config.max_num_seqs, move_pages)
         return seconds
+
+    def close(self) -> None:
+        """Finishes the disk tier's queued writes and frees its directory for another engine (its files stay
+        for a later one). The engine is not usable afterwards."""
+        if self.store is not None:
+            self.store.close()
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is queued or running (an aborted one's final output may still be due)."""
@@ -424,13 +444,17 @@ class LLMEngine:
         # Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read, so the device
         # runs N+1 while the host reads and reports N. A request that stops on step N's token wasted its row
         # in N+1, whose sample is dropped; length limits are known ahead, so such rows are never scheduled.
+        if self.store is not None:
+            self.store.settle()
         scheduled = self.scheduler.schedule()
         self._peak_used_pages = max(self._peak_used_pages, self.pool.num_used_pages)
         previous, self._in_flight = self._in_flight, None
         launched = None
         if not scheduled.is_empty:
             launched = self._launch(scheduled, previous)
-        elif previous is None:
+        elif scheduled.saves:  # pages evicted for an admission that then failed
+            self._save_pages(scheduled.saves)
+        if scheduled.is_empty and previous is None:
             assert not self.scheduler.has_unfinished_requests, (
                 "requests are waiting but none could be scheduled"
             )
@@ -452,8 +476,13 @@ class LLMEngine:
             items = previous.scheduled.scheduled
             in_flight_rows = {item.request.request_id: row for row, item in enumerate(items)}
         inputs = build_step_inputs(scheduled, bucket, self.config.page_size, in_flight_rows)
-        # A missing program fails here (compile_after_warmup "error"), before any page moves.
-        programs = self.runner.programs(inputs)
+        # A missing program fails here (compile_after_warmup "error"), before any page moves; the pages that
+        # were to be loaded from the tiers then hold nothing, and must not stay in the prefix cache.
+        try:
+            programs = self.runner.programs(inputs)
+        except BaseException:
+            self.pool.uncache([page for page, _ in scheduled.loads])
+            raise
         self._move_pages(scheduled)
         step = self.runner.launch(inputs, programs)
         self.scheduler.advance(scheduled)
@@ -569,13 +598,28 @@ class LLMEngine:
     def _move_pages(self, scheduled) -> None:
         # Before the step: save the victims' pages before anything can overwrite them, restore swapped-in
         # requests, then give writers their private copies of shared pages.
+        self._save_pages(scheduled.saves)
         pool = self.runner.kv_pool
         for request_id, page_ids in scheduled.swap_out.items():
             self._swapped[request_id] = page_copy.gather_pages(pool, page_ids)
         for request_id, page_ids in scheduled.swap_in.items():
             pool = page_copy.scatter_pages(pool, page_ids, self._swapped.pop(request_id))
+        for start in range(0, len(scheduled.loads), self._max_move_pages):
+            chunk = scheduled.loads[start : start + self._max_move_pages]
+            data = np.stack([as_array(kv) for _, kv in chunk], axis=3)
+            pool = page_copy.scatter_pages(pool, [page for page, _ in chunk], data)
         pool = page_copy.copy_pages(pool, scheduled.copies)
         self.runner.kv_pool = pool
+
+    def _save_pages(self, saves) -> None:
+        """Gives evicted pages' K/V to the host tier: gathered on the device now (before anything writes
+        them), copied to the host asynchronously, settled into host arrays once the copy is done."""
+        for start in range(0, len(saves), self._max_move_pages):
+            chunk = saves[start : start + self._max_move_pages]
+            gathered = page_copy.gather_pages_async(self.runner.kv_pool, [page for page, _ in chunk])
+            batch = PendingPage.Batch(gathered, len(chunk))
+            for index, (_, key) in enumerate(chunk):
+                self.store.save(key, PendingPage(batch, index))
 
     def stream(self) -> Iterator[RequestOutput]:
         """Steps until no request is left, yielding outputs as they come; requests may be added or aborted
@@ -591,6 +635,45 @@ class LLMEngine:
                 request.status = RequestStatus.FINISHED_STOPPED
             else:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+
+def _checkpoint_identity(path: Path) -> str:
+    """Names a checkpoint for the disk tier's manifest: its path, and the sizes and modification times of its
+    files, so K/V saved for weights since overwritten in place is refused rather than reused."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return f"{path.resolve()} {zlib.crc32(repr(stamps).encode()):08x}"
+
+
+def _kv_store(
+    config: EngineConfig, model_config: ModelConfig, bytes_per_page: int, model_id
+) -> KVStore | None:
+    """The tiers under the prefix cache that `config` asks for; a ValueError naming the field for a size
+    below one page or an unusable directory."""
+    if config.kv_host_cache_gib is None:
+        return None
+
+    def pages(field: str) -> int:
+        gib = getattr(config, field)
+        num_pages = int(gib * 2**30) // bytes_per_page
+        if num_pages < 1:
+            raise ValueError(
+                f"engine config field {field} ({gib}) is below one KV page ({bytes_per_page} bytes)"
+            )
+        return num_pages
+
+    host_pages = pages("kv_host_cache_gib")
+    disk = None
+    if config.kv_disk_cache_dir is not None:
+        # What must match for a file's K/V to be valid here: the model, its shapes, the page layout.
+        fingerprint = {
+            "model": str(model_id),
+            "model_config": dataclasses.asdict(model_config),
+            "page_size": config.page_size,
+            "dtype": config.dtype,
+        }
+        disk = DiskTier(config.kv_disk_cache_dir, pages("kv_disk_cache_gib"), fingerprint)
+    return KVStore(host_pages, disk, lookahead=config.kv_tier_lookahead)
 
 
 def _is_index(value) -> bool:

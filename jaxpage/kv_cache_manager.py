@@ -4,18 +4,28 @@ The scheduler owns the policy (admission order, token budgets, which request to 
 page pool and every request-level page operation under it: naming a prompt's pages for the prefix cache,
 taking a new request's cached (or sibling-shared) prefix, allocating pages for the next tokens with
 copy-on-write of a shared page, topping a reservation up, offering newly full pages to the prefix cache,
-freeing, and the accounting of swap space. Page contents never pass through here: the device work (copies,
-swaps) is returned as lists of page ids for the engine to run.
+freeing, and the accounting of swap space; and, with a `KVStore` below the pool, which pages the tiers must
+save when the pool evicts them and which of a new request's pages the tiers can fill. Page contents never pass
+through here: the device work (copies, swaps, saves, loads) is returned as page ids (with the tiers' K/V, for
+loads) for the engine to run.
 """
 
-from jaxpage.page_pool import PagePool, page_hashes
+import collections
+
+from jaxpage.kv_tiers import KVStore
+from jaxpage.page_pool import PageKey, PagePool, page_hashes
 from jaxpage.request import Request, RequestStatus
 
 
 class KVCacheManager:
-    def __init__(self, pool: PagePool, *, page_size: int, num_swap_pages: int = 0):
+    def __init__(
+        self, pool: PagePool, *, page_size: int, num_swap_pages: int = 0, store: KVStore | None = None
+    ):
         assert page_size > 0 and num_swap_pages >= 0
+        assert store is None or pool.enable_prefix_caching, "tiers below the pool need the prefix cache"
         self.pool = pool
+        self.store = store
+        pool.keep_evicted = store is not None
         self.page_size = page_size
         self.num_swap_pages = num_swap_pages
         self.num_used_swap_pages = 0
@@ -23,6 +33,7 @@ class KVCacheManager:
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at first admission
         self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
         self.num_copies = 0
+        self.tier_hit_tokens = {"host": 0, "disk": 0}  # of the prefix hits, those loaded from each tier
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -31,13 +42,24 @@ class KVCacheManager:
         """Names the prompt's full pages by their hash chain, so admission can look them up."""
         if self.pool.enable_prefix_caching:
             request.page_keys = page_hashes(request.prompt_token_ids, self.page_size, request.extra_key)
+            if self.store is not None and self.store.lookahead:  # what this request will look up
+                request.wanted_keys = request.page_keys[: (request.num_tokens - 1) // self.page_size]
+                self.store.want(request.wanted_keys)
+
+    def unwant(self, request: Request) -> None:
+        """The request no longer waits for its first admission: the tiers need not keep its pages."""
+        if request.wanted_keys:
+            self.store.unwant(request.wanted_keys)
+            request.wanted_keys = []
 
     # ---- admission -----------------------------------------------------------------------------------------
 
-    def take_prefix(self, request: Request) -> bool:
+    def take_prefix(self, request: Request, keep_free: int = 0) -> bool:
         """Gives a request without pages the leading pages it need not compute: a running sibling sample's
         (the samples of one prompt share it) or the prefix cache's. At least the last token is left to
-        compute, for its logits. False, taking nothing, when the sibling has not computed the prompt yet."""
+        compute, for its logits. Pages found in the tiers below the pool leave `keep_free` pages free (for the
+        tokens the request computes now). False, taking nothing, when the sibling has not computed the prompt
+        yet."""
         assert not request.page_ids and request.num_computed_tokens == 0, request
         reusable = request.num_tokens - 1
         source = request.fork_source
@@ -48,18 +70,54 @@ class KVCacheManager:
             self.pool.share(request.page_ids)
             request.num_computed_tokens = reusable
         else:
-            request.page_ids = self.pool.lookup(request.page_keys[: reusable // self.page_size])
+            keys = request.page_keys[: reusable // self.page_size]
+            request.page_ids = self.pool.lookup(keys)
+            if self.store is not None and len(request.page_ids) < len(keys):
+                rest = keys[len(request.page_ids) :]
+                found = self.store.lookup(rest, limit=max(0, self.pool.num_free_pages - keep_free))
+                pages = self.pool.allocate(len(found))
+                request.loads = [
+                    (page, key, tier, kv) for page, key, (tier, kv) in zip(pages, rest, found, strict=False)
+                ]
+                request.page_ids += pages
             request.num_computed_tokens = len(request.page_ids) * self.page_size
         return True
+
+    def commit_loads(self, request: Request) -> list[tuple[int, object]]:
+        """For an admitted request: its pages found in the tiers, as (page, K/V) for the engine to load before
+        the step. They join the prefix cache now: every later step runs after the load."""
+        loads, request.loads = request.loads, []
+        for page, key, _, _ in loads:
+            self.pool.cache(page, key)
+        return [(page, kv) for page, _, _, kv in loads]
+
+    def take_saves(self) -> list[tuple[int, PageKey]]:
+        """The pages evicted from the prefix cache since the last call whose K/V the tiers do not hold yet, as
+        (page, key): the engine copies them down before the step writes into them."""
+        saves = []
+        if self.store is None:
+            return saves
+        for page, key in self.pool.evicted:
+            if key.digest in self.store:
+                self.store.touch(key)
+            else:
+                saves.append((page, key))
+        self.pool.evicted.clear()
+        return saves
 
     def count_prefix_hit(self, request: Request) -> None:
         """For an admitted request: its computed pages count as offered to the prefix cache, and its prefix
         hit is recorded, once per request (not again after a preemption)."""
         request.num_registered_pages = request.num_computed_tokens // self.page_size
+        self.unwant(request)
         if request.first_scheduled_time is None:
             self.num_prefix_query_tokens += request.num_prompt_tokens
             self.num_prefix_hit_tokens += request.num_computed_tokens
             request.num_cached_tokens = request.num_computed_tokens
+            tiers = collections.Counter(tier for _, _, tier, _ in request.loads)
+            for tier in request.tier_hit_tokens:
+                request.tier_hit_tokens[tier] = tiers[tier] * self.page_size
+                self.tier_hit_tokens[tier] += tiers[tier] * self.page_size
 
     def share_all(self, parent: Request, child: Request) -> None:
         """The child takes every page of the parent (a forked beam); both hold them."""
@@ -132,10 +190,14 @@ class KVCacheManager:
         """Gives all of the request's pages back (last first, so the pool hands out the newest last)."""
         self.pool.free(request.page_ids[::-1])
         request.page_ids = []
+        request.loads = []  # found in the tiers for an admission that failed: never loaded
 
     def uncache(self, request: Request) -> None:
-        """Takes the request's pages out of the prefix cache (their K/V must not be reused)."""
+        """Takes the request's pages out of the prefix cache and its page names out of the tiers (their K/V
+        must not be reused; a page may have been saved down while a step still wrote it)."""
         self.pool.uncache(request.page_ids)
+        if self.store is not None:
+            self.store.discard(request.page_keys)
 
     # ---- swap space ----------------------------------------------------------------------------------------
 

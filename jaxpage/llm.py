@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxpage.config import EngineConfig
+from jaxpage.conversation import Conversation
 from jaxpage.engine import LLMEngine, RequestOutput
 from jaxpage.sampling_params import SamplingParams
 from models.config import ModelConfig
@@ -108,6 +109,11 @@ class LLM:
         request_ids = self._add(prompts, sampling_params, output_kind="final_only")
         finals = {output.request_id: output for output in self._run(request_ids) if output.finished}
         return [finals[request_id] for request_id in request_ids]
+
+    def conversation(self, system: str | None = None) -> Conversation:
+        """A multi-turn chat (`Conversation.send`) whose turns reuse the K/V of the earlier ones wherever the
+        prefix cache or the tiers under it still hold them."""
+        return Conversation(self, system)
 
     def generate_stream(
         self,

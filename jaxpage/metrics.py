@@ -19,6 +19,8 @@ class RequestMetrics:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int  # prompt tokens taken from the prefix cache or a sibling sample
+    # Of those, the tokens whose K/V came back from the tiers under the pool: {"host": n, "disk": m}.
+    tier_hit_tokens: dict[str, int]
     num_preemptions: int
 
 
@@ -38,6 +40,7 @@ def request_metrics(request: Request) -> RequestMetrics:
         num_prompt_tokens=request.num_prompt_tokens,
         num_output_tokens=request.num_output_tokens,
         num_cached_tokens=request.num_cached_tokens,
+        tier_hit_tokens=dict(request.tier_hit_tokens),
         num_preemptions=request.num_preemptions,
     )
 
@@ -57,6 +60,10 @@ class EngineMetrics:
     num_swap_ins: int
     num_copies: int  # copy-on-write page copies
     num_evictions: int  # prefix-cache entries dropped when their free page was reallocated
+    host_hit_tokens: int  # of the prefix hits, tokens whose K/V came back from the host tier
+    disk_hit_tokens: int  # ... from the disk tier
+    num_host_pages: int  # pages held in the host tier now
+    num_disk_pages: int  # ... in the disk tier
     # XLA compilations that steps ran after warm-up (each a stall): programs of page-copy sizes not seen yet,
     # or step programs warm-up left out (see EngineConfig.compile_after_warmup).
     num_compiles_after_warmup: int
@@ -73,6 +80,7 @@ class EngineMetrics:
             f"{self.prefix_cache_hit_rate:.1%} ({self.prefix_hit_tokens}/{self.prefix_query_tokens} tokens), "
             f"preemptions {self.num_preemptions}, swaps out/in {self.num_swap_outs}/{self.num_swap_ins}, "
             f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}, "
+            f"tier hits host/disk {self.host_hit_tokens}/{self.disk_hit_tokens} tokens, "
             f"compilations after warm-up {self.num_compiles_after_warmup}"
         )
 

@@ -1,6 +1,6 @@
 """Device-side page moves over the KV pool (a tuple of per-layer `(k_pages, v_pages)`, each
-`[num_kv_heads, num_pages, page_size, head_dim]`): copy-on-write copies, and swapping pages to host memory and
-back.
+`[num_kv_heads, num_pages, page_size, head_dim]`): copy-on-write copies, and moving pages to host memory and
+back (swapping, and the tiers under the prefix cache).
 
 The pool is donated, so XLA updates it in place. Page lists are padded to a power of two with the null page 0
 (a copy 0 -> 0, a gather of page 0, a scatter into page 0: all harmless, since no visible position reads page
@@ -59,6 +59,15 @@ def gather_pages(kv_pool: KVPool, page_ids: list[int]) -> np.ndarray:
     return np.asarray(jax.device_get(_gather(kv_pool, _padded(page_ids))))[:, :, :, : len(page_ids)]
 
 
+def gather_pages_async(kv_pool: KVPool, page_ids: list[int]) -> jax.Array:
+    """Like `gather_pages`, but returns at once: the device array (padded past `len(page_ids)` pages), whose
+    copy to host memory has been started; reading it waits for the copy."""
+    assert page_ids and 0 not in page_ids, page_ids
+    gathered = _gather(kv_pool, _padded(page_ids))
+    gathered.copy_to_host_async()
+    return gathered
+
+
 def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVPool:
     """Writes `data` (what `gather_pages` returned, for as many pages) into `page_ids`; returns the updated
     pool (the argument is donated)."""
@@ -69,16 +78,16 @@ def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVP
     return _scatter(kv_pool, padded, np.pad(data, width))
 
 
-def warmup(kv_pool: KVPool, max_copies: int, max_swap_pages: int) -> KVPool:
+def warmup(kv_pool: KVPool, max_copies: int, max_move_pages: int) -> KVPool:
     """Compiles the moves of every padded size a step can ask for (up to `max_copies` copy-on-write copies,
-    and swaps of up to `max_swap_pages` pages; 0: no swapping) by running them on the null page, which
-    changes nothing visible. Returns the pool (the argument is donated)."""
+    and gathers and scatters of up to `max_move_pages` pages, for swaps and the tiers; 0: none) by running
+    them on the null page, which changes nothing visible. Returns the pool (the argument is donated)."""
 
     def null_pages(limit: int) -> list[np.ndarray]:  # each size `_padded` gives moves of 1 .. limit pages
         return list({len(p): p for p in (_padded([0] * n) for n in range(1, limit + 1))}.values())
 
     for null in null_pages(max_copies):
         kv_pool = _copy(kv_pool, null, null)
-    for null in null_pages(max_swap_pages):
+    for null in null_pages(max_move_pages):
         kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
     return kv_pool

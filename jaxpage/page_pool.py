@@ -57,6 +57,10 @@ class PagePool:
         self._key_of: dict[int, PageKey] = {}  # page -> its key, while it holds a cached full page
         self._page_of: dict[bytes, int] = {}  # digest -> page
         self.num_evictions = 0
+        # With a tier below (set by its KVCacheManager): every evicted (page, key), kept until taken, so the
+        # page's K/V is saved before the page is written again.
+        self.keep_evicted = False
+        self.evicted: list[tuple[int, PageKey]] = []
 
     @property
     def num_usable_pages(self) -> int:
@@ -93,6 +97,8 @@ class PagePool:
             if key is not None:
                 del self._page_of[key.digest]
                 self.num_evictions += 1
+                if self.keep_evicted:
+                    self.evicted.append((page, key))
             pages.append(page)
         return pages
 

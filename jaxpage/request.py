@@ -81,6 +81,11 @@ class Request:
         self.num_registered_pages = 0  # leading pages already offered to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache (or shared) at first admission
         self.num_swapped_pages = 0  # pages held in host swap space while SWAPPED
+        # Prompt tokens whose K/V came from the tiers under the device pool at first admission, by tier.
+        self.tier_hit_tokens = {"host": 0, "disk": 0}
+        # Pages found in the tiers at this admission attempt, (page, key, tier, K/V): loaded before the step.
+        self.loads: list[tuple] = []
+        self.wanted_keys: list[PageKey] = []  # keys the tiers' look-ahead keeps for this queued request
         # Monotonic timestamps for the metrics; None until the event happens.
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None

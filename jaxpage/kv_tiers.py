@@ -1,0 +1,459 @@
+"""The tiers under the GPU prefix cache (AttentionStore): host memory, then disk.
+
+A full page evicted from the device pool keeps its prefix-cache name (`PageKey`) and its K/V moves down: to
+the host tier (an LRU of a fixed number of pages), and from there, when the host tier is full, to the disk
+tier (one checksummed file per page under a directory, an LRU of a fixed number of files). A prefix lookup
+that runs out of device pages goes on down the same hash chain (`KVStore.lookup`), so a conversation's next
+turn, whose prompt extends the last turn's prompt and reply, finds its history wherever it was left.
+
+A page's K/V is an opaque numpy array here (the engine's `[num_layers, 2, num_kv_heads, page_size,
+head_dim]`), or a `PendingPage` whose device-to-host copy is still under way. Disk writes and deletions run
+on one background thread, in order; a file is written under a temporary name and renamed, and carries a
+SHA-256 of its contents, so a crash mid-write, truncation or corruption is seen on read, and that page is a
+miss (the caller recomputes it).
+"""
+
+import atexit
+import collections
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jaxpage.page_pool import PageKey
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"JXPGKV01"
+_MANIFEST = "jaxpage-kv-tier.json"
+_SUFFIX = ".kv"
+
+
+class PendingPage:
+    """One page of a batch gathered on the device whose copy to the host was started asynchronously. The
+    batch becomes per-page host arrays once, when its copy is done (`KVStore.settle`, every step) or when a
+    thread first needs one of its pages, and its device buffer is then released."""
+
+    class Batch:
+        def __init__(self, array, count: int):  # [num_layers, 2, num_kv_heads, >= count, page_size, head_dim]
+            self._array, self._count, self._pages, self._lock = array, count, None, threading.Lock()
+
+        def is_ready(self) -> bool:
+            array = self._array
+            return array is None or array.is_ready()
+
+        def page(self, index: int) -> np.ndarray:
+            with self._lock:
+                if self._pages is None:
+                    host = np.asarray(self._array)
+                    # Copies of their own, so that one page kept does not keep the whole batch.
+                    self._pages = [np.ascontiguousarray(host[:, :, :, i]) for i in range(self._count)]
+                    self._array = None
+                return self._pages[index]
+
+    def __init__(self, batch: "PendingPage.Batch", index: int):
+        self.batch, self.index = batch, index
+
+    def array(self) -> np.ndarray:
+        return self.batch.page(self.index)
+
+
+def as_array(payload) -> np.ndarray:
+    return payload.array() if isinstance(payload, PendingPage) else payload
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+class DiskTier:
+    """Pages as files `<digest hex>.kv` under `directory`, at most `capacity_pages` of them, LRU.
+
+    The directory's manifest names the model and page layout the files belong to (`fingerprint`); a directory
+    written for another one is refused rather than misread.
+    """
+
+    def __init__(self, directory: str, capacity_pages: int, fingerprint: dict):
+        field = "kv_disk_cache_dir"
+        path = Path(directory)
+        if not path.is_dir():
+            raise ValueError(f"engine config field {field}: {directory!r} is not an existing directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"engine config field {field}: directory {directory!r} is not writable")
+        assert capacity_pages >= 1, capacity_pages
+        self.directory = path
+        self.capacity_pages = capacity_pages
+        # One process per directory: another would delete this one's files and break its size bound.
+        self._lock_file = open(path / ".lock", "a+")  # held until close
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise ValueError(
+                f"engine config field {field}: directory {directory!r} is in use by another engine"
+            ) from None
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # as the manifest will read back
+        self._check_manifest(fingerprint)
+        self._fingerprint = fingerprint_digest(fingerprint)
+        for leftover in path.glob("*.tmp"):  # a write that a crash cut short; never read
+            leftover.unlink(missing_ok=True)
+        files = sorted(path.glob("*" + _SUFFIX), key=lambda f: f.stat().st_mtime)
+        self._index: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # LRU order
+        for file in files:
+            try:
+                self._index[bytes.fromhex(file.stem)] = None
+            except ValueError:
+                continue  # not ours
+        # Queued for writing: digest -> [key, K/V]; an eviction empties the K/V so the queue keeps no data.
+        self._pending: dict[bytes, list] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self.num_bad_files = 0  # files found truncated, corrupted or of another model on read
+        while len(self._index) > capacity_pages:
+            self._evict()
+        self._thread = threading.Thread(target=self._work, name="kv-disk-tier", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Finishes the queued writes, stops the writer and frees the directory for another engine."""
+        if self._lock_file.closed:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        atexit.unregister(self.close)
+        self._lock_file.close()
+
+    def _check_manifest(self, fingerprint: dict) -> None:
+        manifest = self.directory / _MANIFEST
+        if not manifest.exists():
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(fingerprint, sort_keys=True, indent=1))
+            os.replace(tmp, manifest)
+            return
+        try:
+            found = json.loads(manifest.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"engine config field kv_disk_cache_dir: {str(manifest)!r} is unreadable ({error}); remove "
+                "it or choose another directory"
+            ) from None
+        for name, value in fingerprint.items():
+            if not isinstance(found, dict) or found.get(name) != value:
+                there = found.get(name) if isinstance(found, dict) else found
+                raise ValueError(
+                    f"engine config field kv_disk_cache_dir: {str(self.directory)!r} holds the KV of another "
+                    f"model or page layout ({name} is {there!r} there, {value!r} here); choose another "
+                    "directory"
+                )
+
+    def _file(self, digest: bytes) -> Path:
+        return self.directory / (digest.hex() + _SUFFIX)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._index
+
+    def put(self, key: PageKey, payload) -> None:
+        """Stores a page (written on the background thread); the least recently used file goes if full."""
+        with self._lock:
+            if key.digest in self._index:
+                self._index.move_to_end(key.digest)
+                return
+            self._index[key.digest] = None
+            entry = [key, payload]
+            self._pending[key.digest] = entry
+            # The entry itself travels, so a write queued before an eviction and a second put of the same
+            # page does not write the second's (which its own write, after the deletion, does).
+            self._queue.put(("write", entry))
+            while len(self._index) > self.capacity_pages:
+                self._evict()
+
+    def touch(self, digest: bytes) -> None:
+        with self._lock:
+            if digest in self._index:
+                self._index.move_to_end(digest)
+
+    def discard(self, digest: bytes) -> None:
+        with self._lock:
+            if digest in self._index:
+                del self._index[digest]
+                self._drop_pending(digest)
+                self._queue.put(("delete", digest))
+
+    def _evict(self) -> None:
+        digest, _ = self._index.popitem(last=False)
+        self._drop_pending(digest)
+        self._queue.put(("delete", digest))
+
+    def _drop_pending(self, digest: bytes) -> None:
+        entry = self._pending.pop(digest, None)
+        if entry is not None:
+            entry[1] = None  # its queued write is skipped
+
+    def get(self, key: PageKey) -> np.ndarray | None:
+        """The page's K/V, or None if absent or its file is damaged (then the file is removed)."""
+        with self._lock:
+            if key.digest not in self._index:
+                return None
+            self._index.move_to_end(key.digest)
+            pending = self._pending.get(key.digest)
+        if pending is not None:
+            return as_array(pending[1])
+        data = self._read(key)
+        if data is None:
+            with self._lock:
+                # Unless it was evicted, or evicted and stored again, while the file was read.
+                if key.digest in self._index and key.digest not in self._pending:
+                    self.num_bad_files += 1
+                    del self._index[key.digest]
+                    self._queue.put(("delete", key.digest))
+        return data
+
+    def _read(self, key: PageKey) -> np.ndarray | None:
+        try:
+            blob = self._file(key.digest).read_bytes()
+        except OSError:
+            return None
+        body, checksum = blob[:-32], blob[-32:]
+        if len(blob) < len(_MAGIC) + 4 + 32 or hashlib.sha256(body).digest() != checksum:
+            return None
+        if not body.startswith(_MAGIC):
+            return None
+        (header_len,) = struct.unpack_from("<I", body, len(_MAGIC))
+        start = len(_MAGIC) + 4
+        try:
+            header = json.loads(body[start : start + header_len])
+        except ValueError:
+            return None
+        if not isinstance(header, dict):
+            return None
+        if header.get("fingerprint") != self._fingerprint or header.get("token_ids") != list(key.token_ids):
+            return None
+        payload = body[start + header_len :]
+        try:
+            dtype = np.dtype(getattr(ml_dtypes, header["dtype"], header["dtype"]))  # bfloat16 is ml_dtypes'
+            return np.frombuffer(payload, dtype=dtype).reshape(header["shape"])
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def _write(self, key: PageKey, data: np.ndarray) -> None:
+        header = json.dumps(
+            {
+                "fingerprint": self._fingerprint,
+                "token_ids": list(key.token_ids),
+                "dtype": str(data.dtype),
+                "shape": list(data.shape),
+            }
+        ).encode()
+        body = _MAGIC + struct.pack("<I", len(header)) + header + np.ascontiguousarray(data).tobytes()
+        file = self._file(key.digest)
+        tmp = file.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body + hashlib.sha256(body).digest())
+            os.replace(tmp, file)  # atomic: a reader sees the whole file or none
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                op, what = item
+                if op == "write":
+                    key, payload = what
+                    with self._lock:
+                        current = payload is not None and self._pending.get(key.digest) is what
+                    if current:
+                        self._write(key, as_array(payload))
+                        with self._lock:
+                            if self._pending.get(key.digest) is what:
+                                del self._pending[key.digest]
+                else:
+                    self._file(what).unlink(missing_ok=True)
+            except Exception:  # the writer must outlive any one page
+                # A full or failing disk (or a page that cannot be read) loses that page, never the engine.
+                logger.warning("KV disk tier: %s failed", item[0], exc_info=True)
+                with self._lock:
+                    if item[0] == "write" and self._pending.get(item[1][0].digest) is item[1]:
+                        del self._index[item[1][0].digest]
+                        del self._pending[item[1][0].digest]
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Waits until every queued write and deletion is done."""
+        self._queue.join()
+
+
+class KVStore:
+    """The host tier, with the disk tier below it (optional): what the prefix cache asks when the device
+    pool misses.
+
+    Look-ahead (the AttentionStore paper's scheduler-aware prefetch and eviction), with `lookahead`: the pages
+    that queued requests will look up are `want`ed. Those on disk are read into the host tier by a background
+    thread while the requests wait (`prefetch`; the reads join the host tier at the next `lookup`), and the
+    host tier evicts the least recently used page that no queued request wants.
+    """
+
+    # How far into the LRU order eviction looks for a page no queued request wants, before taking the oldest.
+    EVICTION_SCAN = 64
+
+    def __init__(self, host_capacity_pages: int, disk: DiskTier | None = None, lookahead: bool = True):
+        assert host_capacity_pages >= 1, host_capacity_pages
+        self.host_capacity_pages = host_capacity_pages
+        self.disk = disk
+        self.lookahead = lookahead
+        self._host: collections.OrderedDict[bytes, tuple[PageKey, object]] = collections.OrderedDict()
+        # digest -> how many queued requests want it
+        self.wanted: collections.Counter[bytes] = collections.Counter()
+        self._requested: set[bytes] = set()  # digests being read from disk ahead
+        self._read: queue.SimpleQueue = queue.SimpleQueue()  # (key, K/V or None) read ahead
+        self._to_read: queue.SimpleQueue | None = None
+        if disk is not None and lookahead:
+            self._to_read = queue.SimpleQueue()
+            threading.Thread(target=self._read_ahead, name="kv-prefetch", daemon=True).start()
+        self._unsettled: collections.deque[tuple[PageKey, PendingPage]] = collections.deque()
+        self.num_prefetched = 0  # pages read from disk ahead of their request's admission
+
+    @property
+    def num_host_pages(self) -> int:
+        return len(self._host)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._host or (self.disk is not None and digest in self.disk)
+
+    def host_entries(self) -> list[tuple[PageKey, object]]:
+        return list(self._host.values())
+
+    def save(self, key: PageKey, payload) -> None:
+        """Puts a page evicted from the device into the host tier; a page of the host tier goes to disk (or
+        is dropped) if full."""
+        if key.digest in self._host:
+            self._host.move_to_end(key.digest)
+            return
+        self._host[key.digest] = (key, payload)
+        if isinstance(payload, PendingPage):
+            self._unsettled.append((key, payload))
+        while len(self._host) > self.host_capacity_pages:
+            old_key, old_payload = self._host.pop(self._victim())
+            if self.disk is not None:
+                self.disk.put(old_key, old_payload)
+
+    def _victim(self) -> bytes:
+        """The least recently used page no queued request wants (among the oldest few), else the oldest."""
+        oldest = next(iter(self._host))
+        if self.wanted:
+            for index, digest in enumerate(self._host):
+                if index == self.EVICTION_SCAN:
+                    break
+                if digest not in self.wanted:
+                    return digest
+        return oldest
+
+    def touch(self, key: PageKey) -> None:
+        if key.digest in self._host:
+            self._host.move_to_end(key.digest)
+        elif self.disk is not None:
+            self.disk.touch(key.digest)
+
+    def discard(self, keys: list[PageKey]) -> None:
+        """Forgets these pages in every tier (their K/V may be garbage)."""
+        for key in keys:
+            if self._host.pop(key.digest, None) is None and self.disk is not None:
+                self.disk.discard(key.digest)
+
+    def settle(self) -> None:
+        """Called every step: pages whose copy to the host is done become host arrays (their device buffers
+        are released), and pages read ahead from disk join the host tier."""
+        while self._unsettled and self._unsettled[0][1].batch.is_ready():
+            key, pending = self._unsettled.popleft()
+            entry = self._host.get(key.digest)
+            if entry is not None and entry[1] is pending:
+                self._host[key.digest] = (key, pending.array())
+        self._collect()
+
+    def close(self) -> None:
+        """Stops the read-ahead thread and closes the disk tier (after its queued writes)."""
+        if self._to_read is not None:
+            self._to_read.put(None)
+            self._to_read = None
+        if self.disk is not None:
+            self.disk.close()
+
+    # ---- look-ahead ----------------------------------------------------------------------------------------
+
+    def want(self, keys: list[PageKey]) -> None:
+        """A queued request will look `keys` up: keep them in the host tier, and read those on disk ahead."""
+        if not self.lookahead:
+            return
+        self.wanted.update(key.digest for key in keys)
+        if self._to_read is None:
+            return
+        for key in keys:
+            if key.digest in self._host or key.digest in self._requested:
+                continue
+            if key.digest not in self.disk:
+                continue  # perhaps still on the device; a later page may be on disk all the same
+            self._requested.add(key.digest)
+            self._to_read.put(key)
+
+    def unwant(self, keys: list[PageKey]) -> None:
+        if not self.lookahead:
+            return
+        self.wanted.subtract(key.digest for key in keys)
+        for key in keys:
+            if self.wanted[key.digest] <= 0:
+                del self.wanted[key.digest]
+
+    def _read_ahead(self) -> None:
+        to_read = self._to_read
+        while (key := to_read.get()) is not None:
+            self._read.put((key, self.disk.get(key)))
+
+    def _collect(self) -> None:
+        """Moves pages read ahead into the host tier."""
+        while True:
+            try:
+                key, data = self._read.get_nowait()
+            except queue.Empty:
+                return
+            self._requested.discard(key.digest)
+            if data is not None and key.digest not in self._host:
+                self.save(key, data)
+                self.num_prefetched += 1
+
+    # ---- lookup --------------------------------------------------------------------------------------------
+
+    def lookup(self, keys: list[PageKey], limit: int) -> list[tuple[str, object]]:
+        """(tier, K/V) of the longest run of leading `keys` (at most `limit`) found in the host tier or on
+        disk. A page read from disk is put back in the host tier."""
+        self._collect()
+        found, from_disk = [], []
+        for key in keys[:limit]:
+            entry = self._host.get(key.digest)
+            if entry is not None and entry[0].token_ids == key.token_ids:
+                self._host.move_to_end(key.digest)
+                found.append(("host", entry[1]))
+                continue
+            data = self.disk.get(key) if self.disk is not None else None
+            if data is None:
+                break
+            found.append(("disk", data))
+            from_disk.append((key, data))
+        for key, data in from_disk:  # after the walk, so that they push none of its own hits down
+            self.save(key, data)
+        return found

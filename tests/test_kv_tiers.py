@@ -1,0 +1,259 @@
+"""The tiers under the prefix cache: the disk tier's files (checksums, crash safety, sizes, the model check),
+and multi-turn conversations whose history comes back from host memory or disk with the same greedy replies
+as a recompute."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from jaxpage import LLM, SamplingParams
+from jaxpage.config import EngineConfig
+from jaxpage.kv_tiers import DiskTier, KVStore
+from jaxpage.page_pool import page_hashes
+from jaxpage.runner import kv_bytes_per_page
+
+FINGERPRINT = {"model": "test", "page_size": 4}
+KEYS = page_hashes(list(range(40)), 4)
+
+
+def page(i: int) -> np.ndarray:
+    return np.full((2, 3), i, np.float32)
+
+
+def test_disk_pages_survive_a_restart_and_stay_within_the_size(tmp_path):
+    disk = DiskTier(str(tmp_path), 3, FINGERPRINT)
+    for i, key in enumerate(KEYS[:5]):
+        disk.put(key, page(i))
+    disk.flush()
+    assert len(disk) == 3 and len(list(tmp_path.glob("*.kv"))) == 3  # the two oldest went
+    assert disk.get(KEYS[0]) is None and disk.get(KEYS[4]).tolist() == page(4).tolist()
+    with pytest.raises(ValueError, match="kv_disk_cache_dir.*in use by another engine"):
+        DiskTier(str(tmp_path), 3, FINGERPRINT)
+    disk.close()
+    again = DiskTier(str(tmp_path), 2, FINGERPRINT)  # smaller now: the least recently used goes
+    assert len(again) == 2
+    again.flush()
+    assert len(list(tmp_path.glob("*.kv"))) == 2 and again.get(KEYS[4]).tolist() == page(4).tolist()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "other_tokens"])
+def test_a_damaged_file_is_a_miss_and_goes(tmp_path, damage):
+    disk = DiskTier(str(tmp_path), 8, FINGERPRINT)
+    disk.put(KEYS[0], page(7))
+    disk.flush()
+    (file,) = tmp_path.glob("*.kv")
+    blob = file.read_bytes()
+    if damage == "truncate":
+        file.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip":
+        file.write_bytes(blob[:-40] + bytes([blob[-40] ^ 1]) + blob[-39:])
+    elif damage == "delete":
+        file.unlink()
+    else:  # a valid file under another page's name
+        disk.put(KEYS[1], page(1))
+        disk.flush()
+        os.replace(tmp_path / (KEYS[1].digest.hex() + ".kv"), file)
+    assert disk.get(KEYS[0]) is None and KEYS[0].digest not in disk
+    disk.flush()
+    assert not file.exists() and disk.num_bad_files == 1
+
+
+def test_a_write_cut_short_is_never_read(tmp_path):
+    disk = DiskTier(str(tmp_path), 8, FINGERPRINT)
+    disk.put(KEYS[0], page(0))
+    disk.flush()
+    (file,) = tmp_path.glob("*.kv")
+    # A crash mid-write leaves a temporary file; the name a reader looks for only ever holds a whole file.
+    (tmp_path / (KEYS[1].digest.hex() + ".tmp")).write_bytes(file.read_bytes()[:10])
+    disk.close()
+    again = DiskTier(str(tmp_path), 8, FINGERPRINT)
+    assert len(again) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert again.get(KEYS[1]) is None and again.get(KEYS[0]).tolist() == page(0).tolist()
+
+
+def test_a_directory_of_another_model_or_page_size_is_refused(tmp_path):
+    DiskTier(str(tmp_path), 8, FINGERPRINT).close()
+    with pytest.raises(ValueError, match=r"kv_disk_cache_dir.*page_size is 4 there, 8 here"):
+        DiskTier(str(tmp_path), 8, {**FINGERPRINT, "page_size": 8})
+    (tmp_path / "jaxpage-kv-tier.json").write_text("{not json")
+    with pytest.raises(ValueError, match="kv_disk_cache_dir.*unreadable"):
+        DiskTier(str(tmp_path), 8, FINGERPRINT)
+
+
+def test_a_missing_or_read_only_directory_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="kv_disk_cache_dir.*not an existing directory"):
+        DiskTier(str(tmp_path / "nope"), 8, FINGERPRINT)
+    # Permissions do not stop root, which CI may run as: ask the check itself.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="kv_disk_cache_dir.*not writable"):
+        DiskTier(str(tmp_path), 8, FINGERPRINT)
+
+
+def test_the_host_tier_spills_its_least_recently_used_pages_to_disk(tmp_path):
+    store = KVStore(2, DiskTier(str(tmp_path), 8, FINGERPRINT))
+    for i, key in enumerate(KEYS[:4]):
+        store.save(key, page(i))
+    assert store.num_host_pages == 2 and len(store.disk) == 2
+    found = store.lookup(KEYS[:5], limit=10)
+    assert [tier for tier, _ in found] == ["disk", "disk", "host", "host"]
+    assert [kv.tolist() for _, kv in found] == [page(i).tolist() for i in range(4)]
+    # Pages read from disk went back to the host tier, pushing the others down.
+    assert [tier for tier, _ in store.lookup(KEYS[:5], limit=3)] == ["host", "host", "disk"]
+
+
+def test_discarded_pages_leave_every_tier(tmp_path):
+    store = KVStore(2, DiskTier(str(tmp_path), 8, FINGERPRINT))
+    for i, key in enumerate(KEYS[:4]):
+        store.save(key, page(i))
+    store.discard(KEYS[:4])
+    assert store.lookup(KEYS[:1], limit=4) == [] and store.lookup(KEYS[2:3], limit=4) == []
+    store.close()
+    assert not list(tmp_path.glob("*.kv"))
+
+
+def test_the_look_ahead_reads_queued_pages_from_disk_and_keeps_them_in_host_memory(tmp_path):
+    store = KVStore(3, DiskTier(str(tmp_path), 16, FINGERPRINT))
+    for i, key in enumerate(KEYS[:6]):
+        store.save(key, page(i))
+    assert [KEYS[i].digest in store.disk for i in range(3)] == [True] * 3  # the oldest three spilled
+    store.want(KEYS[:2])  # a queued request will look up pages 0 and 1
+    deadline = time.monotonic() + 10
+    while store.num_prefetched < 2 and time.monotonic() < deadline:
+        store._collect()
+        time.sleep(0.01)
+    assert store.num_prefetched == 2
+    # Host memory now evicts the pages no queued request wants, not the wanted ones, though they are older
+    # (plain LRU would have sent pages 0 and 1 back to disk).
+    store.save(KEYS[6], page(6))
+    store.save(KEYS[7], page(7))
+    found = store.lookup(KEYS[:2], limit=2)
+    assert [tier for tier, _ in found] == ["host", "host"]
+    assert [kv.tolist() for _, kv in found] == [page(0).tolist(), page(1).tolist()]
+    store.unwant(KEYS[:2])
+    assert not store.wanted
+
+
+@pytest.mark.parametrize(
+    ("bindings", "message"),
+    [
+        (["EngineConfig.kv_host_cache_gib = 0"], "kv_host_cache_gib must be a positive number, got 0"),
+        (["EngineConfig.kv_host_cache_gib = 1e-9"], r"kv_host_cache_gib \(1e-09\) is below one KV page"),
+        (
+            ["EngineConfig.kv_host_cache_gib = 1.0", "EngineConfig.kv_disk_cache_dir = '{dir}'",
+             "EngineConfig.kv_disk_cache_gib = 1e-9"],
+            r"kv_disk_cache_gib \(1e-09\) is below one KV page",
+        ),
+        (["EngineConfig.kv_disk_cache_dir = '{dir}'"], "kv_disk_cache_dir needs kv_host_cache_gib"),
+        (
+            ["EngineConfig.kv_host_cache_gib = 1.0", "EngineConfig.enable_prefix_caching = False"],
+            "kv_host_cache_gib needs enable_prefix_caching",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_tier_settings_name_the_field(tmp_path, bindings, message):
+    with pytest.raises(ValueError, match=message):
+        LLM.from_gin(["configs/tiny_test.gin"], [b.format(dir=tmp_path) for b in bindings])
+
+
+# ---- conversations ---------------------------------------------------------------------------------------
+
+# 33 pages of 8 tokens: the filler request between turns takes nearly all of them, so the conversation's
+# pages leave the device pool and come back from the tier under it.
+POOL = ["EngineConfig.num_pages = 34"]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+FILLER = list(range(1000, 1250))
+
+
+def page_gib(num_pages: int) -> float:
+    config = LLM.from_gin(["configs/tiny_test.gin"]).engine.model_config
+    return num_pages * kv_bytes_per_page(config, 8) / 2**30
+
+
+def converse(llm: LLM, turns: int = 3, between=None) -> list[tuple[list[int], int, dict]]:
+    """Replies, cached prompt tokens and tier hits of a conversation whose every turn extends the last prompt
+    and reply."""
+    prompt, replies = list(range(200, 240)), []
+    for turn in range(turns):
+        if between is not None and turn:
+            between(turn)
+        out = llm.generate(prompt, GREEDY)[0]
+        reply = out.outputs[0].token_ids
+        replies.append((reply, out.metrics.num_cached_tokens, out.metrics.tier_hit_tokens))
+        llm.generate(FILLER, SamplingParams(max_tokens=1))
+        prompt = prompt + reply + list(range(300 + 10 * turn, 310 + 10 * turn))
+    return replies
+
+
+@pytest.fixture(scope="module")
+def recomputed():
+    turns = converse(LLM.from_gin(["configs/tiny_test.gin"], POOL))
+    assert [cached for _, cached, _ in turns] == [0, 8, 8]  # the filler left only the first page
+    return [reply for reply, _, _ in turns]
+
+
+def test_history_from_host_memory_gives_the_recomputed_replies(recomputed):
+    llm = LLM.from_gin(
+        ["configs/tiny_test.gin"], POOL + [f"EngineConfig.kv_host_cache_gib = {page_gib(200)}"]
+    )
+    turns = converse(llm)
+    assert [reply for reply, _, _ in turns] == recomputed
+    # Turn 2 computed 40 + 9 tokens of turn 1 (the last reply token's K/V never is): 6 full pages, all
+    # reused; the filler left the first on the device, the rest came back from host memory.
+    assert [cached for _, cached, _ in turns] == [0, 48, 64]
+    assert [hits for _, _, hits in turns] == [
+        {"host": 0, "disk": 0},
+        {"host": 40, "disk": 0},
+        {"host": 56, "disk": 0},
+    ]
+
+
+def disk_bindings(directory) -> list[str]:
+    return POOL + [
+        f"EngineConfig.kv_host_cache_gib = {page_gib(2)}",  # two pages: the rest spills to disk
+        f"EngineConfig.kv_disk_cache_dir = '{directory}'",
+        f"EngineConfig.kv_disk_cache_gib = {page_gib(500)}",
+    ]
+
+
+def test_history_from_disk_gives_the_recomputed_replies_also_after_a_restart(tmp_path, recomputed):
+    llm = LLM.from_gin(["configs/tiny_test.gin"], disk_bindings(tmp_path))
+    turns = converse(llm)
+    assert [reply for reply, _, _ in turns] == recomputed
+    assert [cached for _, cached, _ in turns] == [0, 48, 64]
+    assert all(hits["disk"] > 0 for _, _, hits in turns[1:]), turns
+    store = llm.engine.store
+    llm.engine.close()
+    assert store.num_host_pages <= 2 and len(store.disk) == len(list(tmp_path.glob("*.kv"))) <= 500
+    # A new engine over the same directory finds the conversation there.
+    again = LLM.from_gin(["configs/tiny_test.gin"], disk_bindings(tmp_path))
+    turns = converse(again)
+    assert [reply for reply, _, _ in turns] == recomputed
+    assert turns[1][2]["disk"] > 0, turns
+
+
+def test_damaged_disk_files_fall_back_to_recompute_with_the_same_replies(tmp_path, recomputed):
+    llm = LLM.from_gin(["configs/tiny_test.gin"], disk_bindings(tmp_path))
+
+    def damage_every_file(turn):
+        llm.engine.store.disk.flush()
+        for file in tmp_path.glob("*.kv"):
+            blob = bytearray(file.read_bytes())
+            blob[len(blob) // 2] ^= 0xFF
+            file.write_bytes(bytes(blob))
+
+    turns = converse(llm, between=damage_every_file)
+    assert [reply for reply, _, _ in turns] == recomputed
+    assert llm.engine.store.disk.num_bad_files > 0
+
+
+def test_a_disk_tier_of_another_page_size_is_refused_by_the_engine(tmp_path):
+    LLM.from_gin(["configs/tiny_test.gin"], disk_bindings(tmp_path)).engine.close()
+    with pytest.raises(ValueError, match="kv_disk_cache_dir.*page_size is 8 there, 16 here"):
+        LLM.from_gin(["configs/tiny_test.gin"], disk_bindings(tmp_path) + ["EngineConfig.page_size = 16"])
+
+
+def test_engine_config_validates_tier_fields():
+    with pytest.raises(ValueError, match="kv_disk_cache_gib must be a positive number"):
+        EngineConfig(kv_disk_cache_gib=-1.0)
