@@ -88,6 +88,8 @@ class EngineConfig:
     # they wait, and host memory first evicts pages no queued request wants. False: plain LRU, and disk
     # reads on demand.
     kv_tier_lookahead: bool = True
+    # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it.
+    kv_tier_write_through: bool = False
     # "paged": pages are taken as tokens arrive. "reserved": a request takes, at admission, the pages of its
     # whole prompt + max_tokens (the contiguous allocation of FasterTransformer and Orca), the baseline the
     # PagedAttention paper compares against; only for that comparison.
@@ -211,9 +213,9 @@ class EngineConfig:
                 "engine config field compile_after_warmup must be 'warn' or 'error', got "
                 f"{self.compile_after_warmup!r}"
             )
-        if not isinstance(self.kv_tier_lookahead, bool):
-            value = self.kv_tier_lookahead
-            raise ValueError(f"engine config field kv_tier_lookahead must be a bool, got {value!r}")
+        for name in ("kv_tier_lookahead", "kv_tier_write_through"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"engine config field {name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.overlap_steps, bool):
             raise ValueError(f"engine config field overlap_steps must be a bool, got {self.overlap_steps!r}")
         if not isinstance(self.warmup_prompt_logprobs, bool):

@@ -131,6 +131,7 @@ class LLMEngine:
             reserve_max_tokens=config.kv_allocation == "reserved",
             num_swap_pages=num_swap_pages,
             store=self.store,
+            write_through=config.kv_tier_write_through,
         )
         # Pages one move to or from the tiers carries at most: a step's saves and loads go in chunks of this
         # many, so warm-up compiles every size they use.

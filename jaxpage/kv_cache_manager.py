@@ -19,13 +19,23 @@ from jaxpage.request import Request, RequestStatus
 
 class KVCacheManager:
     def __init__(
-        self, pool: PagePool, *, page_size: int, num_swap_pages: int = 0, store: KVStore | None = None
+        self,
+        pool: PagePool,
+        *,
+        page_size: int,
+        num_swap_pages: int = 0,
+        store: KVStore | None = None,
+        write_through: bool = False,
     ):
+        """write_through: save a page to the tiers when it fills and joins the prefix cache, not when the
+        pool evicts it (the save then never lands on the step of the request whose pages evict it)."""
         assert page_size > 0 and num_swap_pages >= 0
         assert store is None or pool.enable_prefix_caching, "tiers below the pool need the prefix cache"
         self.pool = pool
         self.store = store
         pool.keep_evicted = store is not None
+        self.write_through = write_through and store is not None
+        self._filled: list[tuple[int, PageKey]] = []  # pages cached since the last saves (write-through)
         self.page_size = page_size
         self.num_swap_pages = num_swap_pages
         self.num_used_swap_pages = 0
@@ -92,18 +102,20 @@ class KVCacheManager:
         return [(page, kv) for page, _, _, kv in loads]
 
     def take_saves(self) -> list[tuple[int, PageKey]]:
-        """The pages evicted from the prefix cache since the last call whose K/V the tiers do not hold yet, as
-        (page, key): the engine copies them down before the step writes into them."""
-        saves = []
+        """The pages evicted from the prefix cache (or, writing through, cached) since the last call whose
+        K/V the tiers do not hold yet, as (page, key): the engine copies them down before the step writes
+        into them."""
+        saves = {}
         if self.store is None:
-            return saves
-        for page, key in self.pool.evicted:
+            return []
+        for page, key in self.pool.evicted + self._filled:
             if key.digest in self.store:
                 self.store.touch(key)
             else:
-                saves.append((page, key))
+                saves.setdefault(key.digest, (page, key))
         self.pool.evicted.clear()
-        return saves
+        self._filled.clear()
+        return list(saves.values())
 
     def count_prefix_hit(self, request: Request) -> None:
         """For an admitted request: its computed pages count as offered to the prefix cache, and its prefix
@@ -182,6 +194,8 @@ class KVCacheManager:
             request.page_keys = page_hashes(tokens, self.page_size, request.extra_key, request.page_keys)
         for index in range(request.num_registered_pages, num_full):
             self.pool.cache(request.page_ids[index], request.page_keys[index])
+            if self.write_through:
+                self._filled.append((request.page_ids[index], request.page_keys[index]))
         request.num_registered_pages = num_full
 
     # ---- giving pages back ---------------------------------------------------------------------------------

@@ -72,10 +72,16 @@ def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVP
     """Writes `data` (what `gather_pages` returned, for as many pages) into `page_ids`; returns the updated
     pool (the argument is donated)."""
     assert page_ids and 0 not in page_ids and data.shape[3] == len(page_ids), (page_ids, data.shape)
-    padded = _padded(page_ids)
-    width = [(0, 0)] * data.ndim
-    width[3] = (0, len(padded) - len(page_ids))
-    return _scatter(kv_pool, padded, np.pad(data, width))
+    # In pieces of power-of-two sizes (the compiled shapes), largest first, rather than one padded to the next
+    # power of two: the data sent to the device is then only the pages' own (65 pages: 64 + 1, not 128).
+    start = 0
+    for bit in reversed(range(len(page_ids).bit_length())):
+        size = 1 << bit
+        if len(page_ids) - start >= size:
+            piece = np.asarray(page_ids[start : start + size], np.int32)
+            kv_pool = _scatter(kv_pool, piece, data[:, :, :, start : start + size])
+            start += size
+    return kv_pool
 
 
 def warmup(kv_pool: KVPool, max_copies: int, max_move_pages: int) -> KVPool:

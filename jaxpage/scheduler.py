@@ -96,13 +96,16 @@ class Scheduler:
         num_swap_pages: int = 0,
         reserve_max_tokens: bool = False,
         store: KVStore | None = None,
+        write_through: bool = False,
     ):
         """reserve_max_tokens: admit a request only with the pages of its whole prompt + max_tokens (within
         max_model_len), the contiguous-allocation baseline that paging is measured against."""
         assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
         assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
         self.pool = pool  # read here for its size; every change goes through the manager
-        self.kv_cache = KVCacheManager(pool, page_size=page_size, num_swap_pages=num_swap_pages, store=store)
+        self.kv_cache = KVCacheManager(
+            pool, page_size=page_size, num_swap_pages=num_swap_pages, store=store, write_through=write_through
+        )
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -15,7 +15,8 @@ clients interleave and a small device pool (--pool_pages) evicts the sessions of
 Modes (--modes):
 - recompute: no prefix cache; every turn computes its whole prompt.
 - gpu: the prefix cache in the device pool only.
-- host: tiers under the pool: host memory of --host_pages pages.
+- host: tiers under the pool: host memory of --host_pages pages, pages saved when the pool evicts them.
+- host_write_through: the same, pages saved when they fill.
 - disk: a host tier of --disk_host_pages pages over a disk tier (a fresh directory under --disk_dir), with the
   look-ahead (queued requests' pages read from disk while they wait, and kept from host eviction).
 - disk_lru: the same without the look-ahead: plain LRU, disk reads when a request is admitted.
@@ -47,7 +48,7 @@ from jaxpage.llm import LLM
 from jaxpage.runner import kv_bytes_per_page
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("recompute", "gpu", "host", "disk", "disk_lru")
+MODES = ("recompute", "gpu", "host", "host_write_through", "disk", "disk_lru")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); default configs/smollm2_135m.gin.")
@@ -126,8 +127,11 @@ def mode_bindings(mode: str, bytes_per_page: int) -> list[str]:
     bindings = [f"EngineConfig.num_pages = {FLAGS.pool_pages}"]
     if mode == "recompute":
         return bindings + ["EngineConfig.enable_prefix_caching = False"]
-    if mode == "host":
-        return bindings + [f"EngineConfig.kv_host_cache_gib = {gib(FLAGS.host_pages)}"]
+    if mode in ("host", "host_write_through"):
+        return bindings + [
+            f"EngineConfig.kv_host_cache_gib = {gib(FLAGS.host_pages)}",
+            f"EngineConfig.kv_tier_write_through = {mode == 'host_write_through'}",
+        ]
     if mode in ("disk", "disk_lru"):
         directory = tempfile.mkdtemp(prefix="jaxpage-kv-", dir=FLAGS.disk_dir)
         return bindings + [
@@ -214,18 +218,18 @@ def by_turn(records: list[dict]) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["mode       turn  reqs  prompt  TTFT mean   p90     computed  device   host    disk"]
+    lines = ["mode               turn  reqs  prompt  TTFT mean   p90     computed  device   host    disk"]
     for result in results:
         mode = result["mode"]
         for row in result["by_turn"]:
             lines.append(
-                f"{mode:<10} {row['turn']:>4} {row['requests']:>5} {row['prompt_tokens_mean']:>7.0f}"
+                f"{mode:<18} {row['turn']:>4} {row['requests']:>5} {row['prompt_tokens_mean']:>7.0f}"
                 f" {row['ttft_mean'] * 1e3:>8.0f} ms {row['ttft_p90'] * 1e3:>6.0f} ms"
                 f" {row['computed_tokens']:>8} {row['gpu_hit_tokens']:>7} {row['host_hit_tokens']:>7}"
                 f" {row['disk_hit_tokens']:>7}"
             )
         lines.append(
-            f"{mode:<10} {result['seconds']:.1f} s, {result['output_tokens_per_s']:.1f} output tok/s, "
+            f"{mode:<18} {result['seconds']:.1f} s, {result['output_tokens_per_s']:.1f} output tok/s, "
             f"{result['num_compiles_after_warmup']} compilations after warm-up"
             + (f", {result['prefetched_pages']} pages read ahead" if "prefetched_pages" in result else "")
         )
@@ -246,6 +250,7 @@ def plot(results: list[dict], path: Path) -> bool:
         ax.plot(
             [r["turn"] for r in rows], [r["ttft_mean"] * 1e3 for r in rows], marker="o", label=result["mode"]
         )
+    ax.set_xticks([row["turn"] for row in results[0]["by_turn"]])
     ax.set_xlabel("turn")
     ax.set_ylabel("mean TTFT (ms)")
     ax.set_yscale("log")

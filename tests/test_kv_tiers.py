@@ -193,9 +193,15 @@ def recomputed():
     return [reply for reply, _, _ in turns]
 
 
-def test_history_from_host_memory_gives_the_recomputed_replies(recomputed):
+@pytest.mark.parametrize("write_through", [False, True])
+def test_history_from_host_memory_gives_the_recomputed_replies(recomputed, write_through):
     llm = LLM.from_gin(
-        ["configs/tiny_test.gin"], POOL + [f"EngineConfig.kv_host_cache_gib = {page_gib(200)}"]
+        ["configs/tiny_test.gin"],
+        POOL
+        + [
+            f"EngineConfig.kv_host_cache_gib = {page_gib(200)}",
+            f"EngineConfig.kv_tier_write_through = {write_through}",
+        ],
     )
     turns = converse(llm)
     assert [reply for reply, _, _ in turns] == recomputed

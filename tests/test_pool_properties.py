@@ -135,22 +135,42 @@ OPERATIONS = st.lists(
     host_pages=st.integers(1, 12),
     disk_pages=st.sampled_from([None, 1, 4, 30]),
     lookahead=st.booleans(),
+    write_through=st.booleans(),
     ops=OPERATIONS,
 )
 def test_random_operations_over_host_and_disk_tiers_keep_them_consistent_and_outputs_exact(
-    num_pages, page_size, max_num_seqs, max_num_batched_tokens, mode, host_pages, disk_pages, lookahead, ops
+    num_pages,
+    page_size,
+    max_num_seqs,
+    max_num_batched_tokens,
+    mode,
+    host_pages,
+    disk_pages,
+    lookahead,
+    write_through,
+    ops,
 ):
     with tempfile.TemporaryDirectory() as directory:
         disk = None if disk_pages is None else DiskTier(directory, disk_pages, {"model": "fake"})
         store = KVStore(host_pages, disk, lookahead)
-        run_operations(num_pages, page_size, max_num_seqs, max_num_batched_tokens, True, mode, 8, ops, store)
+        sizes = (num_pages, page_size, max_num_seqs, max_num_batched_tokens)
+        run_operations(*sizes, True, mode, 8, ops, store, write_through)
         store.close()
         if disk is not None:
             assert len(list(disk.directory.glob("*.kv"))) == len(disk) <= disk_pages
 
 
 def run_operations(
-    num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops, store=None
+    num_pages,
+    page_size,
+    max_num_seqs,
+    max_num_batched_tokens,
+    caching,
+    mode,
+    num_swap_pages,
+    ops,
+    store=None,
+    write_through=False,
 ):
     pool = PagePool(num_pages, enable_prefix_caching=caching)
     sched = Scheduler(
@@ -162,6 +182,7 @@ def run_operations(
         preemption_mode=mode,
         num_swap_pages=num_swap_pages,
         store=store,
+        write_through=write_through,
     )
     model = FakeKVModel(page_size)
     added: list[Request] = []
