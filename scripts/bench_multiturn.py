@@ -6,7 +6,7 @@ Two workloads, as the field measures them:
   and every reply is --output_tokens long.
 - sharegpt (the AttentionStore paper's): ShareGPT conversations with at least two user turns, replayed turn by
   turn through `Conversation` (the chat template; each reply as long as the recorded one, at most
-  --output_tokens), up to --max_turns turns.
+  --output_tokens), up to --max_turns turns or until a turn would outgrow max_model_len.
 
 Clients run concurrently, at most --concurrency turns in flight, the clients furthest behind first: a client's
 next turn arrives an exponential think time (mean --think_time s) after its last reply, so turns of different
@@ -28,6 +28,7 @@ history's K/V came from (device, host, disk, miss), and the mode's output throug
   python scripts/bench_multiturn.py --workload synthetic --num_clients 4 --num_rounds 4
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -163,6 +164,9 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
         for client in sorted(ready, key=lambda c: (c.turn, c.ready_at, c.index)):
             if len(in_flight) < FLAGS.concurrency:
                 prompt, out_len, texts = client.next_prompt()
+                if len(prompt) + out_len > engine.max_model_len:
+                    client.turn = len(client.turns)  # the conversation outgrew the context: it ends here
+                    continue
                 params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
                 in_flight[client.index] = (engine.add_request(prompt, params), prompt, texts)
         if not engine.has_unfinished_requests():
@@ -267,10 +271,16 @@ def main(argv):
         if mode not in MODES:
             raise app.UsageError(f"--modes: {mode!r} is not one of {MODES}")
     gin_files = FLAGS.gin_file or [str(ROOT / "configs" / "smollm2_135m.gin")]
-    # Tier sizes are given in pages; the engine takes GiB, and a page's bytes depend on the model.
-    probe = LLM.from_gin(gin_files, FLAGS.gin_bindings + [f"EngineConfig.num_pages = {FLAGS.pool_pages}"])
-    bytes_per_page = kv_bytes_per_page(probe.engine.model_config, probe.engine.config.page_size)
-    del probe
+    # Tier sizes are given in pages; the engine takes GiB, and a page's bytes depend on the model (which only
+    # an engine loads, unless its weights are random).
+    setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
+    model_config = setup.random_model
+    if model_config is None:
+        probe = LLM.from_gin(gin_files, FLAGS.gin_bindings + [f"EngineConfig.num_pages = {FLAGS.pool_pages}"])
+        model_config = probe.engine.model_config
+        del probe
+    model_config = dataclasses.replace(model_config, dtype=setup.engine.dtype)
+    bytes_per_page = kv_bytes_per_page(model_config, setup.engine.page_size)
     results = []
     for mode in FLAGS.modes:
         results.append(run_mode(mode, gin_files, bytes_per_page))

@@ -263,3 +263,37 @@ def test_a_disk_tier_of_another_page_size_is_refused_by_the_engine(tmp_path):
 def test_engine_config_validates_tier_fields():
     with pytest.raises(ValueError, match="kv_disk_cache_gib must be a positive number"):
         EngineConfig(kv_disk_cache_gib=-1.0)
+
+
+@pytest.mark.slow
+def test_smollm2_history_from_host_memory_or_disk_gives_the_recomputed_replies(tmp_path):
+    # Small buckets: the 30-layer model compiles few shapes. 17 usable pages of 16 tokens: the filler between
+    # turns (16 pages) evicts all of the conversation's pages but its first.
+    settings = dict(
+        num_pages=18, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256,
+        token_buckets=(16, 64), seq_buckets=(4,), page_buckets=(16,),
+    )  # fmt: skip
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    filler = list(range(1000, 1250))
+
+    def tiers(mode: str, page_bytes: int) -> dict:
+        gib = page_bytes / 2**30
+        if mode == "host":
+            return dict(kv_host_cache_gib=100 * gib)
+        if mode == "disk":  # two pages of host memory: the rest spills to disk
+            disk = dict(kv_disk_cache_dir=str(tmp_path), kv_disk_cache_gib=100 * gib)
+            return dict(kv_host_cache_gib=2 * gib, **disk)
+        return {}
+
+    replies, hits, page_bytes = {}, {}, 0
+    for mode in ("recompute", "host", "disk"):  # recompute first: its engine tells a page's bytes
+        llm = LLM(**settings, **tiers(mode, page_bytes))
+        page_bytes = kv_bytes_per_page(llm.engine.model_config, 16)
+        first = llm.generate(list(range(2000, 2060)), greedy)[0]
+        llm.generate(filler, SamplingParams(max_tokens=1))
+        second = llm.generate(first.prompt_token_ids + first.outputs[0].token_ids + [3000] * 10, greedy)[0]
+        replies[mode] = (first.outputs[0].token_ids, second.outputs[0].token_ids)
+        hits[mode] = second.metrics.tier_hit_tokens
+        llm.engine.close()
+    assert replies["host"] == replies["recompute"] and replies["disk"] == replies["recompute"]
+    assert hits["host"]["host"] > 0 and hits["disk"]["disk"] > 0, hits
