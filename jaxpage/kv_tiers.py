@@ -305,8 +305,8 @@ class KVStore:
 
     Look-ahead (the AttentionStore paper's scheduler-aware prefetch and eviction), with `lookahead`: the pages
     that queued requests will look up are `want`ed. Those on disk are read into the host tier by a background
-    thread while the requests wait (`prefetch`; the reads join the host tier at the next `lookup`), and the
-    host tier evicts the least recently used page that no queued request wants.
+    thread while the requests wait (they join the host tier at the next `settle` or `lookup`), and the host
+    tier evicts the least recently used page that no queued request wants.
     """
 
     # How far into the LRU order eviction looks for a page no queued request wants, before taking the oldest.
