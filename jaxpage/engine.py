@@ -110,12 +110,10 @@ class LLMEngine:
             )
         config.check_page_buckets(self.max_model_len)
         bytes_per_page = kv_bytes_per_page(model_config, config.page_size)
-        model_id = (
-            f"random(seed={config.seed}, scale={random_weight_scale})"
-            if random_model
-            else _checkpoint_identity(model_path)
+        random_id = f"random(seed={config.seed}, scale={random_weight_scale})" if random_model else None
+        self.store = _kv_store(
+            config, model_config, bytes_per_page, lambda: random_id or _checkpoint_identity(model_path)
         )
-        self.store = _kv_store(config, model_config, bytes_per_page, model_id)
         self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size)
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
@@ -647,10 +645,11 @@ def _checkpoint_identity(path: Path) -> str:
 
 
 def _kv_store(
-    config: EngineConfig, model_config: ModelConfig, bytes_per_page: int, model_id
+    config: EngineConfig, model_config: ModelConfig, bytes_per_page: int, model_identity
 ) -> KVStore | None:
     """The tiers under the prefix cache that `config` asks for; a ValueError naming the field for a size
-    below one page or an unusable directory."""
+    below one page or an unusable directory. `model_identity()` names the model for the disk tier (called
+    only with one: it reads every checkpoint file's metadata)."""
     if config.kv_host_cache_gib is None:
         return None
 
@@ -668,7 +667,7 @@ def _kv_store(
     if config.kv_disk_cache_dir is not None:
         # What must match for a file's K/V to be valid here: the model, its shapes, the page layout.
         fingerprint = {
-            "model": str(model_id),
+            "model": model_identity(),
             "model_config": dataclasses.asdict(model_config),
             "page_size": config.page_size,
             "dtype": config.dtype,

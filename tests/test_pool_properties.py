@@ -81,6 +81,22 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
         assert [token for _, token in model.page(page)] == list(key.token_ids), page
 
 
+def operations(kinds: list[str]):
+    """70-90 random operations, each (kind, then the arguments the kinds take)."""
+    return st.lists(
+        st.tuples(
+            st.sampled_from(kinds),
+            st.integers(0, 2),  # prefix
+            st.integers(0, 6),  # suffix length
+            st.integers(1, 3),  # samples
+            st.integers(1, 10),  # max_tokens
+            st.integers(0, 99),  # which request to abort, fork, replace, hold or release
+        ),
+        min_size=70,
+        max_size=90,
+    )
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     num_pages=st.integers(10, 40),
@@ -90,18 +106,7 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
     caching=st.booleans(),
     mode=st.sampled_from(["recompute", "swap"]),
     num_swap_pages=st.integers(0, 30),
-    ops=st.lists(
-        st.tuples(
-            st.sampled_from(["add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
-            st.integers(0, 2),  # prefix
-            st.integers(0, 6),  # suffix length
-            st.integers(1, 3),  # samples
-            st.integers(1, 10),  # max_tokens
-            st.integers(0, 99),  # which request to abort, fork, replace, hold or release
-        ),
-        min_size=70,
-        max_size=90,
-    ),
+    ops=operations(["add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
 )
 def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops
@@ -109,20 +114,6 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     run_operations(
         num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops
     )
-
-
-OPERATIONS = st.lists(
-    st.tuples(
-        st.sampled_from(["add", "add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
-        st.integers(0, 2),
-        st.integers(0, 6),
-        st.integers(1, 3),
-        st.integers(1, 10),
-        st.integers(0, 99),
-    ),
-    min_size=70,
-    max_size=90,
-)
 
 
 @settings(max_examples=150, deadline=None)
@@ -136,7 +127,7 @@ OPERATIONS = st.lists(
     disk_pages=st.sampled_from([None, 1, 4, 30]),
     lookahead=st.booleans(),
     write_through=st.booleans(),
-    ops=OPERATIONS,
+    ops=operations(["add", "add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
 )
 def test_random_operations_over_host_and_disk_tiers_keep_them_consistent_and_outputs_exact(
     num_pages,
