@@ -90,6 +90,9 @@ class EngineConfig:
     kv_tier_lookahead: bool = True
     # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it.
     kv_tier_write_through: bool = False
+    # Saves to and loads from the tiers wait for their device<->host copies to finish before the step goes on,
+    # instead of overlapping them with the device's work: only to measure what the asynchronous copies buy.
+    kv_tier_sync_transfers: bool = False
     # "paged": pages are taken as tokens arrive. "reserved": a request takes, at admission, the pages of its
     # whole prompt + max_tokens (the contiguous allocation of FasterTransformer and Orca), the baseline the
     # PagedAttention paper compares against; only for that comparison.
@@ -213,7 +216,7 @@ class EngineConfig:
                 "engine config field compile_after_warmup must be 'warn' or 'error', got "
                 f"{self.compile_after_warmup!r}"
             )
-        for name in ("kv_tier_lookahead", "kv_tier_write_through"):
+        for name in ("kv_tier_lookahead", "kv_tier_write_through", "kv_tier_sync_transfers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"engine config field {name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.overlap_steps, bool):

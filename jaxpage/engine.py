@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from jaxpage import compile_watch, page_copy
@@ -607,6 +608,8 @@ class LLMEngine:
             chunk = scheduled.loads[start : start + self._max_move_pages]
             data = np.stack([as_array(kv) for _, kv in chunk], axis=3)
             pool = page_copy.scatter_pages(pool, [page for page, _ in chunk], data)
+        if scheduled.loads and self.config.kv_tier_sync_transfers:
+            pool = jax.block_until_ready(pool)
         pool = page_copy.copy_pages(pool, scheduled.copies)
         self.runner.kv_pool = pool
 
@@ -617,6 +620,8 @@ class LLMEngine:
             chunk = saves[start : start + self._max_move_pages]
             gathered = page_copy.gather_pages_async(self.runner.kv_pool, [page for page, _ in chunk])
             batch = PendingPage.Batch(gathered, len(chunk))
+            if self.config.kv_tier_sync_transfers:
+                batch.page(0)  # waits for the copy, and makes the batch host arrays
             for index, (_, key) in enumerate(chunk):
                 self.store.save(key, PendingPage(batch, index))
 

@@ -16,6 +16,7 @@ Modes (--modes):
 - recompute: no prefix cache; every turn computes its whole prompt.
 - gpu: the prefix cache in the device pool only.
 - host: tiers under the pool: host memory of --host_pages pages, pages saved when the pool evicts them.
+- host_sync: the same, with every save and load waiting for its copy (what the asynchronous copies buy).
 - host_write_through: the same, pages saved when they fill.
 - disk: a host tier of --disk_host_pages pages over a disk tier (a fresh directory under --disk_dir), with the
   look-ahead (queued requests' pages read from disk while they wait, and kept from host eviction).
@@ -49,7 +50,7 @@ from jaxpage.llm import LLM
 from jaxpage.runner import kv_bytes_per_page
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("recompute", "gpu", "host", "host_write_through", "disk", "disk_lru")
+MODES = ("recompute", "gpu", "host", "host_sync", "host_write_through", "disk", "disk_lru")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); default configs/smollm2_135m.gin.")
@@ -128,10 +129,11 @@ def mode_bindings(mode: str, bytes_per_page: int) -> list[str]:
     bindings = [f"EngineConfig.num_pages = {FLAGS.pool_pages}"]
     if mode == "recompute":
         return bindings + ["EngineConfig.enable_prefix_caching = False"]
-    if mode in ("host", "host_write_through"):
+    if mode in ("host", "host_sync", "host_write_through"):
         return bindings + [
             f"EngineConfig.kv_host_cache_gib = {gib(FLAGS.host_pages)}",
             f"EngineConfig.kv_tier_write_through = {mode == 'host_write_through'}",
+            f"EngineConfig.kv_tier_sync_transfers = {mode == 'host_sync'}",
         ]
     if mode in ("disk", "disk_lru"):
         directory = tempfile.mkdtemp(prefix="jaxpage-kv-", dir=FLAGS.disk_dir)

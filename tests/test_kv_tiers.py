@@ -193,14 +193,19 @@ def recomputed():
     return [reply for reply, _, _ in turns]
 
 
-@pytest.mark.parametrize("write_through", [False, True])
-def test_history_from_host_memory_gives_the_recomputed_replies(recomputed, write_through):
+@pytest.mark.parametrize(
+    "write_through, sync_transfers",
+    [(False, False), (True, False), (False, True)],
+    ids=["on_eviction", "write_through", "sync"],
+)
+def test_history_from_host_memory_gives_the_recomputed_replies(recomputed, write_through, sync_transfers):
     llm = LLM.from_gin(
         ["configs/tiny_test.gin"],
         POOL
         + [
             f"EngineConfig.kv_host_cache_gib = {page_gib(200)}",
             f"EngineConfig.kv_tier_write_through = {write_through}",
+            f"EngineConfig.kv_tier_sync_transfers = {sync_transfers}",
         ],
     )
     turns = converse(llm)
