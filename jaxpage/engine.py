@@ -32,7 +32,8 @@ from jaxpage.batch import (
 )
 from jaxpage.beam_search import BeamGroup, beam_search_params
 from jaxpage.config import EngineConfig
-from jaxpage.kv_tiers import DiskTier, KVStore, PendingPage, as_array
+from jaxpage.kv_shift import KVShift
+from jaxpage.kv_tiers import DiskTier, KVStore
 from jaxpage.metrics import EngineMetrics
 from jaxpage.outputs import (
     RequestOutput,
@@ -51,6 +52,7 @@ from jaxpage.scheduler import Scheduler, SchedulerOutput
 from jaxpage.tokenizer import Tokenizer, check_text
 from models.config import ModelConfig
 from models.default_model import default_model_path
+from models.layers import rope_inv_freq
 from models.llama import init_params
 from models.loaders import load_model
 
@@ -135,6 +137,7 @@ class LLMEngine:
         # Pages one move to or from the tiers carries at most: a step's saves and loads go in chunks of this
         # many, so warm-up compiles every size they use.
         self._max_move_pages = config.pages_per_seq(self.max_model_len)
+        self._inv_freq = rope_inv_freq(model_config)  # rotates K moved to new positions (kv_shift)
         self._text: dict[str, TextState] = {}  # by sample request id
         self._groups: dict[str, SampleGroup] = {}  # by request id
         self._group_of: dict[str, SampleGroup] = {}  # by sample request id
@@ -164,8 +167,15 @@ class LLMEngine:
         *,
         messages: list[dict] | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
+        kv_shift: KVShift | None = None,
     ) -> str:
         """Queues a request given as text, token ids, or chat messages (rendered with the model's template).
+
+        `cache_salt`: the prefix cache reuses K/V only between requests of the same salt (None: the common
+        cache). `kv_shift`: the prompt drops tokens from the middle of an earlier request's tokens (a
+        conversation truncated to fit; see jaxpage.kv_shift), whose K/V is moved to the new positions where
+        the cache still holds it; approximate, so it needs a `cache_salt` of its own.
 
         Returns:
           The request id (a fresh one unless given).
@@ -182,6 +192,7 @@ class LLMEngine:
         prompt_token_ids = self.encode_prompt(prompt, messages)
         params = sampling_params if sampling_params is not None else SamplingParams()
         self._check_supported(params)
+        self._check_cache_options(prompt_token_ids, params, cache_salt, kv_shift)
         with self._lock:
             if request_id is None:
                 request_id = next(i for i in (f"request-{n}" for n in self._ids) if not self._in_use(i))
@@ -190,16 +201,38 @@ class LLMEngine:
             key = str(next(self._serials))
             eos = frozenset(self.tokenizer.eos_token_ids)
             if params.use_beam_search:
-                self._add_beam_search(request_id, key, prompt_token_ids, params, eos)
+                self._add_beam_search(request_id, key, prompt_token_ids, params, eos, cache_salt)
             else:
-                self._add_samples(request_id, key, prompt_token_ids, params, eos)
+                self._add_samples(request_id, key, prompt_token_ids, params, eos, cache_salt, kv_shift)
         return request_id
+
+    def _check_cache_options(self, prompt_token_ids, params, cache_salt, kv_shift) -> None:
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty str or None, got {cache_salt!r:.200}")
+        if kv_shift is None:
+            return
+        if not isinstance(kv_shift, KVShift):
+            raise ValueError(
+                f"kv_shift must be a KVShift or None, got {type(kv_shift).__name__} {kv_shift!r:.200}"
+            )
+        if not self.config.enable_prefix_caching:
+            raise ValueError("kv_shift needs engine config field enable_prefix_caching (it moves cached K/V)")
+        if params.use_beam_search:
+            raise ValueError("kv_shift is not supported with beam search")
+        kv_shift.check(prompt_token_ids, cache_salt)
 
     def _in_use(self, request_id: str) -> bool:
         return request_id in self._groups or request_id in self._beams
 
     def _add_samples(
-        self, request_id: str, key: str, prompt_token_ids: list[int], params: SamplingParams, eos
+        self,
+        request_id: str,
+        key: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos,
+        cache_salt: str | None = None,
+        kv_shift: KVShift | None = None,
     ) -> None:
         num_samples = params.num_samples
         samples = []
@@ -216,7 +249,17 @@ class LLMEngine:
             sample_params = dataclasses.replace(sample_params, seed=seed)
             sample_id = key if num_samples == 1 else f"{key}#{index}"
             fork_source = samples[0] if samples else None
-            samples.append(Request(sample_id, prompt_token_ids, sample_params, eos, fork_source=fork_source))
+            samples.append(
+                Request(
+                    sample_id,
+                    prompt_token_ids,
+                    sample_params,
+                    eos,
+                    fork_source=fork_source,
+                    extra_key=cache_salt,
+                    kv_shift=kv_shift,
+                )
+            )
         try:
             for sample in samples:
                 self.scheduler.add_request(sample)
@@ -237,14 +280,14 @@ class LLMEngine:
             self._group_of[sample.request_id] = group
 
     def _add_beam_search(
-        self, request_id: str, key: str, prompt_token_ids: list[int], params: SamplingParams, eos
+        self, request_id: str, key: str, prompt_token_ids: list[int], params: SamplingParams, eos, cache_salt
     ) -> None:
         # max(1, ...): a prompt that leaves no room is refused by the scheduler with its own message.
         room = max(1, self.max_model_len - len(prompt_token_ids))
         beam_params = beam_search_params(
             params, eos, max_logprobs=self.config.max_logprobs, max_new_tokens=room
         )
-        group = BeamGroup(request_id, prompt_token_ids, params, beam_params, key=key)
+        group = BeamGroup(request_id, prompt_token_ids, params, beam_params, extra_key=cache_salt, key=key)
         self.scheduler.add_request(group.first_request)
         if params.prompt_logprobs is not None:
             group.first_request.page_keys = []  # no prefix-cache hit: see add_request
@@ -387,6 +430,7 @@ class LLMEngine:
             num_evictions=self.pool.num_evictions,
             host_hit_tokens=scheduler.kv_cache.tier_hit_tokens["host"],
             disk_hit_tokens=scheduler.kv_cache.tier_hit_tokens["disk"],
+            shifted_tokens=scheduler.kv_cache.num_shifted_tokens,
             num_host_pages=self.store.num_host_pages if self.store else 0,
             num_disk_pages=len(self.store.disk) if self.store and self.store.disk else 0,
             num_compiles_after_warmup=self._num_compiles_after_warmup,
@@ -399,9 +443,13 @@ class LLMEngine:
         seconds = self.runner.warmup()
         # A step copies at most one page per row (copy-on-write), swaps one request's pages at a time and
         # moves pages to and from the tiers in chunks of as many.
-        moves = self.config.preemption_mode == "swap" or self.store is not None
-        move_pages = self._max_move_pages if moves else 0
-        self.runner.kv_pool = page_copy.warmup(self.runner.kv_pool, self.config.max_num_seqs, move_pages)
+        swap_pages = self._max_move_pages if self.config.preemption_mode == "swap" else 0
+        tier_pages = self._max_move_pages if self.store is not None else 0
+        # Moving tokens to new positions (kv_shift) needs the prefix cache.
+        inv_freq = self._inv_freq if self.config.enable_prefix_caching else None
+        self.runner.kv_pool = page_copy.warmup(
+            self.runner.kv_pool, self.config.max_num_seqs, swap_pages, tier_pages, inv_freq
+        )
         return seconds
 
     def close(self) -> None:
@@ -481,7 +529,8 @@ class LLMEngine:
         try:
             programs = self.runner.programs(inputs)
         except BaseException:
-            self.pool.uncache([page for page, _ in scheduled.loads])
+            shifted = [int(page) for moves in scheduled.shifts for page in np.unique(moves[2])]
+            self.pool.uncache([page for page, _ in scheduled.loads] + shifted)
             raise
         self._move_pages(scheduled)
         step = self.runner.launch(inputs, programs)
@@ -604,26 +653,32 @@ class LLMEngine:
             self._swapped[request_id] = page_copy.gather_pages(pool, page_ids)
         for request_id, page_ids in scheduled.swap_in.items():
             pool = page_copy.scatter_pages(pool, page_ids, self._swapped.pop(request_id))
-        for start in range(0, len(scheduled.loads), self._max_move_pages):
-            chunk = scheduled.loads[start : start + self._max_move_pages]
-            data = np.stack([as_array(kv) for _, kv in chunk], axis=3)
-            pool = page_copy.scatter_pages(pool, [page for page, _ in chunk], data)
+        if scheduled.loads:
+            pool = page_copy.scatter_pages_from_host(
+                pool,
+                [page for page, _ in scheduled.loads],
+                [kv for _, kv in scheduled.loads],
+                self._max_move_pages,
+            )
         if scheduled.loads and self.config.kv_tier_sync_transfers:
             pool = jax.block_until_ready(pool)
+        if scheduled.shifts:
+            pool = page_copy.shift_tokens(pool, np.concatenate(scheduled.shifts, axis=1), self._inv_freq)
         pool = page_copy.copy_pages(pool, scheduled.copies)
         self.runner.kv_pool = pool
 
     def _save_pages(self, saves) -> None:
-        """Gives evicted pages' K/V to the host tier: gathered on the device now (before anything writes
-        them), copied to the host asynchronously, settled into host arrays once the copy is done."""
-        for start in range(0, len(saves), self._max_move_pages):
-            chunk = saves[start : start + self._max_move_pages]
-            gathered = page_copy.gather_pages_async(self.runner.kv_pool, [page for page, _ in chunk])
-            batch = PendingPage.Batch(gathered, len(chunk))
-            if self.config.kv_tier_sync_transfers:
-                batch.page(0)  # waits for the copy, and makes the batch host arrays
-            for index, (_, key) in enumerate(chunk):
-                self.store.save(key, PendingPage(batch, index))
+        """Gives evicted pages' K/V to the host tier: each page is copied by the device into an array of its
+        own in pinned host memory, after the work queued before and before anything later writes the page;
+        the host does not wait for the copies (unless kv_tier_sync_transfers)."""
+        if not saves:
+            return
+        page_ids = [page for page, _ in saves]
+        pages = page_copy.gather_pages_to_host(self.runner.kv_pool, page_ids, self._max_move_pages)
+        if self.config.kv_tier_sync_transfers:
+            jax.block_until_ready(pages)
+        for (_, key), data in zip(saves, pages, strict=True):
+            self.store.save(key, data)
 
     def stream(self) -> Iterator[RequestOutput]:
         """Steps until no request is left, yielding outputs as they come; requests may be added or aborted

@@ -5,13 +5,17 @@ page pool and every request-level page operation under it: naming a prompt's pag
 taking a new request's cached (or sibling-shared) prefix, allocating pages for the next tokens with
 copy-on-write of a shared page, topping a reservation up, offering newly full pages to the prefix cache,
 freeing, and the accounting of swap space; and, with a `KVStore` below the pool, which pages the tiers must
-save when the pool evicts them and which of a new request's pages the tiers can fill. Page contents never pass
-through here: the device work (copies, swaps, saves, loads) is returned as page ids (with the tiers' K/V, for
-loads) for the engine to run.
+save when the pool evicts them and which of a new request's pages the tiers can fill; and, for a request
+whose prompt drops tokens from the middle of an earlier one (`Request.kv_shift`), which cached tokens to move
+to their new positions. Page contents never pass through here: the device work (copies, swaps, saves, loads,
+shifts) is returned as page ids (with the tiers' K/V, for loads) for the engine to run.
 """
 
 import collections
 
+import numpy as np
+
+from jaxpage.kv_shift import token_moves
 from jaxpage.kv_tiers import KVStore
 from jaxpage.page_pool import PageKey, PagePool, page_hashes
 from jaxpage.request import Request, RequestStatus
@@ -44,6 +48,10 @@ class KVCacheManager:
         self.num_prefix_hit_tokens = 0  # of those, found (cached or shared by a sibling sample)
         self.num_copies = 0
         self.tier_hit_tokens = {"host": 0, "disk": 0}  # of the prefix hits, those loaded from each tier
+        self.num_shifted_tokens = 0  # of the prefix hits, those moved from a truncated conversation's K/V
+        # Source pages of the last schedule's shifts: held until the engine has dispatched the shifts that
+        # read them (the next schedule), so that no page of that step's moves is written before it is read.
+        self._shift_sources: list[int] = []
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -91,7 +99,40 @@ class KVCacheManager:
                 ]
                 request.page_ids += pages
             request.num_computed_tokens = len(request.page_ids) * self.page_size
+            if request.kv_shift is not None:
+                self._take_shifted(request, reusable, keep_free)
         return True
+
+    def _take_shifted(self, request: Request, reusable: int, keep_free: int) -> None:
+        """Extends the request's leading pages with fresh ones that its `kv_shift` source fills: the source's
+        cached pages (from the pool, or loaded from the tiers) are held, and the moves from them recorded."""
+        shift, size = request.kv_shift, self.page_size
+        first = len(request.page_ids)
+        if first * size >= reusable:
+            return
+        if request.source_keys is None:
+            source = list(shift.source_token_ids)
+            request.source_keys = page_hashes(source, size, shift.source_salt)
+        last_source = int(shift.source_position(np.array([reusable - 1]))[0])
+        keys = request.source_keys[: last_source // size + 1]
+        sources = self.pool.lookup(keys)
+        if self.store is not None and len(sources) < len(keys):
+            rest = keys[len(sources) :]
+            # Half the free pages at most for the source's own loads: the rest receives the moved tokens.
+            found = self.store.lookup(rest, limit=max(0, self.pool.num_free_pages - keep_free) // 2)
+            pages = self.pool.allocate(len(found))
+            request.loads += [
+                (page, key, tier, kv) for page, key, (tier, kv) in zip(pages, rest, found, strict=False)
+            ]
+            sources += pages
+        end = min(shift.num_reusable(len(sources) * size), reusable) // size
+        end = min(end, first + max(0, self.pool.num_free_pages - keep_free))
+        request.shift_sources = sources
+        if end <= first:
+            return
+        request.page_ids += self.pool.allocate(end - first)
+        request.shift_moves = token_moves(shift, first * size, end * size, request.page_ids, sources, size)
+        request.num_computed_tokens = end * size
 
     def commit_loads(self, request: Request) -> list[tuple[int, object]]:
         """For an admitted request: its pages found in the tiers, as (page, K/V) for the engine to load before
@@ -100,6 +141,25 @@ class KVCacheManager:
         for page, key, _, _ in loads:
             self.pool.cache(page, key)
         return [(page, kv) for page, _, _, kv in loads]
+
+    def commit_shift(self, request: Request) -> np.ndarray | None:
+        """For an admitted request: the token moves of its `kv_shift` (see `kv_shift.token_moves`), for the
+        engine to run after the loads, or None. The moved pages join the prefix cache under the request's
+        own keys (its cache_salt) now: every later step runs after the moves."""
+        moves, request.shift_moves = request.shift_moves, None
+        self._shift_sources += request.shift_sources
+        request.shift_sources = []
+        if moves is None:
+            return None
+        end = request.num_computed_tokens // self.page_size  # the moves fill the pages just before
+        for index in range(end - moves.shape[1] // self.page_size, end):
+            self.pool.cache(request.page_ids[index], request.page_keys[index])
+        return moves
+
+    def release_shift_sources(self) -> None:
+        """Called as a schedule starts: the last schedule's shifts were dispatched; their sources may go."""
+        self.pool.free(self._shift_sources)
+        self._shift_sources = []
 
     def take_saves(self) -> list[tuple[int, PageKey]]:
         """The pages evicted from the prefix cache (or, writing through, cached) since the last call whose
@@ -126,6 +186,9 @@ class KVCacheManager:
             self.num_prefix_query_tokens += request.num_prompt_tokens
             self.num_prefix_hit_tokens += request.num_computed_tokens
             request.num_cached_tokens = request.num_computed_tokens
+            moves = request.shift_moves
+            request.num_shifted_tokens = 0 if moves is None else moves.shape[1]
+            self.num_shifted_tokens += request.num_shifted_tokens
             tiers = collections.Counter(tier for _, _, tier, _ in request.loads)
             for tier in request.tier_hit_tokens:
                 request.tier_hit_tokens[tier] = tiers[tier] * self.page_size
@@ -205,6 +268,8 @@ class KVCacheManager:
         self.pool.free(request.page_ids[::-1])
         request.page_ids = []
         request.loads = []  # found in the tiers for an admission that failed: never loaded
+        self.pool.free(request.shift_sources)  # held for an admission that failed: never read
+        request.shift_sources, request.shift_moves = [], None
 
     def uncache(self, request: Request) -> None:
         """Takes the request's pages out of the prefix cache and its page names out of the tiers (their K/V

@@ -6,8 +6,9 @@ tier (one checksummed file per page under a directory, an LRU of a fixed number 
 that runs out of device pages goes on down the same hash chain (`KVStore.lookup`), so a conversation's next
 turn, whose prompt extends the last turn's prompt and reply, finds its history wherever it was left.
 
-A page's K/V is an opaque numpy array here (the engine's `[num_layers, 2, num_kv_heads, page_size,
-head_dim]`), or a `PendingPage` whose device-to-host copy is still under way. Disk writes and deletions run
+A page's K/V is opaque here: an array of the engine's `[num_layers, 2, num_kv_heads, page_size, head_dim]`,
+a jax array in pinned host memory (whose copy from the device may still be under way; reading it waits) or a
+numpy array read from disk. Disk writes and deletions run
 on one background thread, in order; a file is written under a temporary name and renamed, and carries a
 SHA-256 of its contents, so a crash mid-write, truncation or corruption is seen on read, and that page is a
 miss (the caller recomputes it).
@@ -35,39 +36,6 @@ logger = logging.getLogger(__name__)
 _MAGIC = b"JXPGKV01"
 _MANIFEST = "jaxpage-kv-tier.json"
 _SUFFIX = ".kv"
-
-
-class PendingPage:
-    """One page of a batch gathered on the device whose copy to the host was started asynchronously. The
-    batch becomes per-page host arrays once, when its copy is done (`KVStore.settle`, every step) or when a
-    thread first needs one of its pages, and its device buffer is then released."""
-
-    class Batch:
-        def __init__(self, array, count: int):  # [num_layers, 2, num_kv_heads, >= count, page_size, head_dim]
-            self._array, self._count, self._pages, self._lock = array, count, None, threading.Lock()
-
-        def is_ready(self) -> bool:
-            array = self._array
-            return array is None or array.is_ready()
-
-        def page(self, index: int) -> np.ndarray:
-            with self._lock:
-                if self._pages is None:
-                    host = np.asarray(self._array)
-                    # Copies of their own, so that one page kept does not keep the whole batch.
-                    self._pages = [np.ascontiguousarray(host[:, :, :, i]) for i in range(self._count)]
-                    self._array = None
-                return self._pages[index]
-
-    def __init__(self, batch: "PendingPage.Batch", index: int):
-        self.batch, self.index = batch, index
-
-    def array(self) -> np.ndarray:
-        return self.batch.page(self.index)
-
-
-def as_array(payload) -> np.ndarray:
-    return payload.array() if isinstance(payload, PendingPage) else payload
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -209,7 +177,7 @@ class DiskTier:
             self._index.move_to_end(key.digest)
             pending = self._pending.get(key.digest)
         if pending is not None:
-            return as_array(pending[1])
+            return pending[1]
         data = self._read(key)
         if data is None:
             with self._lock:
@@ -278,7 +246,7 @@ class DiskTier:
                     with self._lock:
                         current = payload is not None and self._pending.get(key.digest) is what
                     if current:
-                        self._write(key, as_array(payload))
+                        self._write(key, np.asarray(payload))
                         with self._lock:
                             if self._pending.get(key.digest) is what:
                                 del self._pending[key.digest]
@@ -326,7 +294,6 @@ class KVStore:
         if disk is not None and lookahead:
             self._to_read = queue.SimpleQueue()
             threading.Thread(target=self._read_ahead, name="kv-prefetch", daemon=True).start()
-        self._unsettled: collections.deque[tuple[PageKey, PendingPage]] = collections.deque()
         self.num_prefetched = 0  # pages read from disk ahead of their request's admission
 
     @property
@@ -346,8 +313,6 @@ class KVStore:
             self._host.move_to_end(key.digest)
             return
         self._host[key.digest] = (key, payload)
-        if isinstance(payload, PendingPage):
-            self._unsettled.append((key, payload))
         while len(self._host) > self.host_capacity_pages:
             old_key, old_payload = self._host.pop(self._victim())
             if self.disk is not None:
@@ -377,13 +342,7 @@ class KVStore:
                 self.disk.discard(key.digest)
 
     def settle(self) -> None:
-        """Called every step: pages whose copy to the host is done become host arrays (their device buffers
-        are released), and pages read ahead from disk join the host tier."""
-        while self._unsettled and self._unsettled[0][1].batch.is_ready():
-            key, pending = self._unsettled.popleft()
-            entry = self._host.get(key.digest)
-            if entry is not None and entry[1] is pending:
-                self._host[key.digest] = (key, pending.array())
+        """Called every step: pages read ahead from disk join the host tier."""
         self._collect()
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from jaxpage.config import EngineConfig
 from jaxpage.conversation import Conversation
 from jaxpage.engine import LLMEngine, RequestOutput
+from jaxpage.kv_shift import KVShift
 from jaxpage.sampling_params import SamplingParams
 from models.config import ModelConfig
 
@@ -96,34 +97,49 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_salt: str | None = None,
+        kv_shift: KVShift | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt at once and returns the finished outputs in the prompts' order.
 
         Args:
           prompts: a text, a list of token ids, a conversation (list of {role, content}), or a list of those.
           sampling_params: one for all prompts, or one per prompt; default `SamplingParams()`.
+          cache_salt, kv_shift: for every prompt; see `LLMEngine.add_request`.
         Raises:
           ValueError naming the prompt's index and the field, before anything runs, if a prompt is unusable.
         """
         # Only the final outputs are read: the engine then builds no per-step outputs (see output_kind).
-        request_ids = self._add(prompts, sampling_params, output_kind="final_only")
+        request_ids = self._add(
+            prompts, sampling_params, output_kind="final_only", cache_salt=cache_salt, kv_shift=kv_shift
+        )
         finals = {output.request_id: output for output in self._run(request_ids) if output.finished}
         return [finals[request_id] for request_id in request_ids]
 
-    def conversation(self, system: str | None = None) -> Conversation:
+    def conversation(
+        self, system: str | None = None, *, drop_oldest_turns: bool = False, shift_kv: bool = False
+    ) -> Conversation:
         """A multi-turn chat (`Conversation.send`) whose turns reuse the K/V of the earlier ones wherever the
-        prefix cache or the tiers under it still hold them."""
-        return Conversation(self, system)
+        prefix cache or the tiers under it still hold them. drop_oldest_turns: a turn that would outgrow
+        max_model_len drops the oldest user/assistant pairs instead of failing; shift_kv: the K/V of the
+        history they keep is moved to its new positions rather than recomputed (approximate)."""
+        return Conversation(self, system, drop_oldest_turns=drop_oldest_turns, shift_kv=shift_kv)
 
     def generate_stream(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_salt: str | None = None,
+        kv_shift: KVShift | None = None,
     ) -> Iterator[RequestOutput]:
         """Like `generate`, but returns an iterator over every step's outputs (with `new_text` deltas).
         The prompts are checked, and queued, before this returns; closing the iterator (or dropping it, even
         unstarted) aborts the requests it has not finished."""
-        return _OutputStream(self, self._add(prompts, sampling_params))
+        return _OutputStream(
+            self, self._add(prompts, sampling_params, cache_salt=cache_salt, kv_shift=kv_shift)
+        )
 
     def _run(self, request_ids: list[str]) -> Iterator[RequestOutput]:
         pending = set(request_ids)
@@ -176,8 +192,9 @@ class LLM:
                 mailbox.clear()
             return taken
 
-    def _add(self, prompts, sampling_params, output_kind: str | None = None) -> list[str]:
-        """Queues the prompts; output_kind, when given, replaces that of every prompt's parameters."""
+    def _add(self, prompts, sampling_params, output_kind: str | None = None, **options) -> list[str]:
+        """Queues the prompts; output_kind, when given, replaces that of every prompt's parameters; options
+        go to every `add_request`."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
@@ -204,9 +221,11 @@ class LLM:
             for index, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 try:
                     if _is_conversation(prompt):
-                        request_id = self.engine.add_request(messages=list(prompt), sampling_params=params)
+                        request_id = self.engine.add_request(
+                            messages=list(prompt), sampling_params=params, **options
+                        )
                     else:
-                        request_id = self.engine.add_request(prompt, params)
+                        request_id = self.engine.add_request(prompt, params, **options)
                 except ValueError as error:
                     raise ValueError(f"prompt {index}: {error}") from error
                 with self._lock:

@@ -21,6 +21,8 @@ class RequestMetrics:
     num_cached_tokens: int  # prompt tokens taken from the prefix cache or a sibling sample
     # Of those, the tokens whose K/V came back from the tiers under the pool: {"host": n, "disk": m}.
     tier_hit_tokens: dict[str, int]
+    # Of those, the tokens whose K/V was moved from a truncated conversation's earlier tokens (kv_shift).
+    num_shifted_tokens: int
     num_preemptions: int
 
 
@@ -41,6 +43,7 @@ def request_metrics(request: Request) -> RequestMetrics:
         num_output_tokens=request.num_output_tokens,
         num_cached_tokens=request.num_cached_tokens,
         tier_hit_tokens=dict(request.tier_hit_tokens),
+        num_shifted_tokens=request.num_shifted_tokens,
         num_preemptions=request.num_preemptions,
     )
 
@@ -62,6 +65,7 @@ class EngineMetrics:
     num_evictions: int  # prefix-cache entries dropped when their free page was reallocated
     host_hit_tokens: int  # of the prefix hits, tokens whose K/V came back from the host tier
     disk_hit_tokens: int  # ... from the disk tier
+    shifted_tokens: int  # of the prefix hits, tokens moved from a truncated conversation's K/V (kv_shift)
     num_host_pages: int  # pages held in the host tier now
     num_disk_pages: int  # ... in the disk tier
     # XLA compilations that steps ran after warm-up (each a stall): programs of page-copy sizes not seen yet,
@@ -81,6 +85,7 @@ class EngineMetrics:
             f"preemptions {self.num_preemptions}, swaps out/in {self.num_swap_outs}/{self.num_swap_ins}, "
             f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}, "
             f"tier hits host/disk {self.host_hit_tokens}/{self.disk_hit_tokens} tokens, "
+            f"shifted {self.shifted_tokens} tokens, "
             f"compilations after warm-up {self.num_compiles_after_warmup}"
         )
 

@@ -1,6 +1,7 @@
 """Device-side page moves over the KV pool (a tuple of per-layer `(k_pages, v_pages)`, each
-`[num_kv_heads, num_pages, page_size, head_dim]`): copy-on-write copies, and moving pages to host memory and
-back (swapping, and the tiers under the prefix cache).
+`[num_kv_heads, num_pages, page_size, head_dim]`): copy-on-write copies, moving pages to host memory and
+back (swapping, and the tiers under the prefix cache), and moving tokens to new positions (`shift_tokens`,
+for a conversation truncated in the middle; see jaxpage.kv_shift).
 
 The pool is donated, so XLA updates it in place. Page lists are padded to a power of two with the null page 0
 (a copy 0 -> 0, a gather of page 0, a scatter into page 0: all harmless, since no visible position reads page
@@ -12,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models.layers import apply_rope
 
 KVPool = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -42,6 +45,26 @@ def _scatter(kv_pool: KVPool, page_ids: jax.Array, data: jax.Array) -> KVPool:
     )
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _shift(kv_pool: KVPool, moves: jax.Array, inv_freq: jax.Array) -> KVPool:  # moves: i32[5, SHIFT_PIECE]
+    src_page, src_slot, dst_page, dst_slot, delta = moves
+    out = []
+    for k, v in kv_pool:
+        # Rotating K by the position delta moves it to its new position (RoPE rotations compose).
+        moved_k = apply_rope(k[:, src_page, src_slot].transpose(1, 0, 2), delta, inv_freq).transpose(1, 0, 2)
+        out.append(
+            (
+                k.at[:, dst_page, dst_slot].set(moved_k),
+                v.at[:, dst_page, dst_slot].set(v[:, src_page, src_slot]),
+            )
+        )
+    return tuple(out)
+
+
+# Tokens per call of the shift program, its one compiled shape (the last piece is padded with null moves).
+SHIFT_PIECE = 256
+
+
 def copy_pages(kv_pool: KVPool, copies: list[tuple[int, int]]) -> KVPool:
     """Copies page `src` to page `dst` for every `(src, dst)` in all layers; returns the updated pool (the
     argument is donated and must not be used again)."""
@@ -59,41 +82,130 @@ def gather_pages(kv_pool: KVPool, page_ids: list[int]) -> np.ndarray:
     return np.asarray(jax.device_get(_gather(kv_pool, _padded(page_ids))))[:, :, :, : len(page_ids)]
 
 
-def gather_pages_async(kv_pool: KVPool, page_ids: list[int]) -> jax.Array:
-    """Like `gather_pages`, but returns at once: the device array (padded past `len(page_ids)` pages), whose
-    copy to host memory has been started; reading it waits for the copy."""
+def _memories(kv_pool: KVPool) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+    """The pool device's memory, and its pinned host memory: what the device copies to and from by DMA,
+    without the host staging the bytes."""
+    (device,) = kv_pool[0][0].devices()
+    return tuple(jax.sharding.SingleDeviceSharding(device, memory_kind=k) for k in ("device", "pinned_host"))
+
+
+# The tier moves name every argument's memory: the pool as a step leaves it and as warm-up has it must hit the
+# same compiled program.
+@functools.lru_cache
+def _gather_to_host(num_layers: int, num_pages: int, memories: tuple):
+    device, host = memories
+
+    def gather(kv_pool: KVPool, page_ids: jax.Array) -> tuple[jax.Array, ...]:  # page_ids: i32[num_pages]
+        data = _gather(kv_pool, page_ids)  # [num_layers, 2, num_kv_heads, num_pages, page_size, head_dim]
+        return tuple(data[:, :, :, i] for i in range(num_pages))
+
+    pool = ((device, device),) * num_layers
+    return jax.jit(gather, in_shardings=(pool, device), out_shardings=(host,) * num_pages)
+
+
+@functools.lru_cache
+def _scatter_from_host(num_layers: int, num_pages: int, memories: tuple):
+    device, host = memories
+
+    def scatter(kv_pool: KVPool, page_ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVPool:
+        data = jnp.stack([jax.device_put(page, jax.memory.Space.Device) for page in pages], axis=3)
+        return tuple(
+            (k.at[:, page_ids].set(data[layer, 0]), v.at[:, page_ids].set(data[layer, 1]))
+            for layer, (k, v) in enumerate(kv_pool)
+        )
+
+    pool = ((device, device),) * num_layers
+    return jax.jit(
+        scatter, in_shardings=(pool, device, (host,) * num_pages), out_shardings=pool, donate_argnums=0
+    )
+
+
+def gather_pages_to_host(kv_pool: KVPool, page_ids: list[int], max_piece: int) -> list[jax.Array]:
+    """The K/V of each of `page_ids` as an array of its own in pinned host memory (f[num_layers, 2,
+    num_kv_heads, page_size, head_dim]), returned at once: the device copies them after the work queued before
+    (reading one waits for its copy), at most `max_piece` pages a program. The pool is left as it is."""
     assert page_ids and 0 not in page_ids, page_ids
-    gathered = _gather(kv_pool, _padded(page_ids))
-    gathered.copy_to_host_async()
-    return gathered
+    memories, pages = _memories(kv_pool), []
+    for start, size in _pieces(len(page_ids), max_piece):
+        piece = np.asarray(page_ids[start : start + size], np.int32)
+        pages += _gather_to_host(len(kv_pool), size, memories)(kv_pool, piece)
+    return pages
+
+
+def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, max_piece: int) -> KVPool:
+    """Writes each of `pages` (what `gather_pages_to_host` returned, or numpy arrays of that shape) into its
+    page of `page_ids`, at most `max_piece` pages a program; returns the updated pool (the argument is
+    donated). The copies to the device run in the step's stream, after the work queued before; the host does
+    not wait for them."""
+    assert page_ids and 0 not in page_ids and len(pages) == len(page_ids), (page_ids, len(pages))
+    memories = _memories(kv_pool)
+    pages = [p if isinstance(p, jax.Array) else jax.device_put(np.asarray(p), memories[1]) for p in pages]
+    for start, size in _pieces(len(page_ids), max_piece):
+        piece = np.asarray(page_ids[start : start + size], np.int32)
+        scatter = _scatter_from_host(len(kv_pool), size, memories)
+        kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
+    return kv_pool
+
+
+def _pieces(count: int, max_size: int | None = None) -> list[tuple[int, int]]:
+    """(start, size) of `count` items in pieces of power-of-two sizes (the compiled shapes) up to `max_size`,
+    largest first, rather than one piece padded to the next power of two: only the items themselves move
+    (65: 64 + 1)."""
+    largest = 1 << ((max_size or count).bit_length() - 1)
+    pieces, start = [], 0
+    while start < count:
+        size = min(largest, 1 << ((count - start).bit_length() - 1))
+        pieces.append((start, size))
+        start += size
+    return pieces
 
 
 def scatter_pages(kv_pool: KVPool, page_ids: list[int], data: np.ndarray) -> KVPool:
     """Writes `data` (what `gather_pages` returned, for as many pages) into `page_ids`; returns the updated
     pool (the argument is donated)."""
     assert page_ids and 0 not in page_ids and data.shape[3] == len(page_ids), (page_ids, data.shape)
-    # In pieces of power-of-two sizes (the compiled shapes), largest first, rather than one padded to the next
-    # power of two: the data sent to the device is then only the pages' own (65 pages: 64 + 1, not 128).
-    start = 0
-    for bit in reversed(range(len(page_ids).bit_length())):
-        size = 1 << bit
-        if len(page_ids) - start >= size:
-            piece = np.asarray(page_ids[start : start + size], np.int32)
-            kv_pool = _scatter(kv_pool, piece, data[:, :, :, start : start + size])
-            start += size
+    for start, size in _pieces(len(page_ids), len(page_ids)):
+        piece = np.asarray(page_ids[start : start + size], np.int32)
+        kv_pool = _scatter(kv_pool, piece, data[:, :, :, start : start + size])
     return kv_pool
 
 
-def warmup(kv_pool: KVPool, max_copies: int, max_move_pages: int) -> KVPool:
+def shift_tokens(kv_pool: KVPool, moves: np.ndarray, inv_freq: np.ndarray) -> KVPool:
+    """Copies each token's K/V given by `moves` (i32[5, N]: source page, source slot, destination page,
+    destination slot, position delta; see `kv_shift.token_moves`), its K rotated by the delta with the
+    model's rotary frequencies `inv_freq`. Destinations must not be sources. Returns the updated pool (the
+    argument is donated)."""
+    inv_freq = np.asarray(inv_freq, np.float32)
+    for start in range(0, moves.shape[1], SHIFT_PIECE):
+        piece = np.zeros((5, SHIFT_PIECE), np.int32)  # null moves: page 0, slot 0, delta 0
+        chunk = moves[:, start : start + SHIFT_PIECE]
+        piece[:, : chunk.shape[1]] = chunk
+        kv_pool = _shift(kv_pool, piece, inv_freq)
+    return kv_pool
+
+
+def warmup(
+    kv_pool: KVPool,
+    max_copies: int,
+    max_swap_pages: int,
+    max_tier_pages: int = 0,
+    inv_freq: np.ndarray | None = None,
+) -> KVPool:
     """Compiles the moves of every padded size a step can ask for (up to `max_copies` copy-on-write copies,
-    and gathers and scatters of up to `max_move_pages` pages, for swaps and the tiers; 0: none) by running
-    them on the null page, which changes nothing visible. Returns the pool (the argument is donated)."""
+    gathers and scatters of up to `max_swap_pages` pages for swaps and of `max_tier_pages` for the tiers; 0:
+    none; and, given the model's `inv_freq`, the shift of tokens) by running them on the null page, which
+    changes nothing visible. Returns the pool (the argument is donated)."""
 
     def null_pages(limit: int) -> list[np.ndarray]:  # each size `_padded` gives moves of 1 .. limit pages
         return list({len(p): p for p in (_padded([0] * n) for n in range(1, limit + 1))}.values())
 
     for null in null_pages(max_copies):
         kv_pool = _copy(kv_pool, null, null)
-    for null in null_pages(max_move_pages):
+    for null in null_pages(max_swap_pages):
         kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
+    for null in null_pages(max_tier_pages):
+        pages = _gather_to_host(len(kv_pool), len(null), _memories(kv_pool))(kv_pool, null)
+        kv_pool = _scatter_from_host(len(kv_pool), len(null), _memories(kv_pool))(kv_pool, null, pages)
+    if inv_freq is not None:
+        kv_pool = shift_tokens(kv_pool, np.zeros((5, 1), np.int32), inv_freq)
     return kv_pool

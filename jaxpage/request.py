@@ -3,6 +3,7 @@
 import enum
 import time
 
+from jaxpage.kv_shift import KVShift
 from jaxpage.page_pool import PageKey
 from jaxpage.sampling_params import SamplingParams
 
@@ -50,9 +51,11 @@ class Request:
         *,
         fork_source: "Request | None" = None,
         extra_key=None,
+        kv_shift: KVShift | None = None,
     ):
         """`fork_source`: a request with the same prompt whose pages this one shares when admitted after it
-        (the samples of one prompt). `extra_key`: whatever else changes the K/V, part of its page keys."""
+        (the samples of one prompt). `extra_key`: whatever else changes the K/V, part of its page keys.
+        `kv_shift`: the prompt drops tokens from the middle of earlier ones, whose cached K/V it may move."""
         assert prompt_token_ids, "an empty prompt must be rejected before a Request is built"
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -86,6 +89,13 @@ class Request:
         # Pages found in the tiers at this admission attempt, (page, key, tier, K/V): loaded before the step.
         self.loads: list[tuple] = []
         self.wanted_keys: list[PageKey] = []  # keys the tiers' look-ahead keeps for this queued request
+        self.kv_shift = kv_shift
+        self.source_keys: list[PageKey] | None = None  # kv_shift's source pages' keys, once looked up
+        # At an admission attempt with kv_shift: the source pages held (until the moves are dispatched), and
+        # the token moves from them (`kv_shift.token_moves`).
+        self.shift_sources: list[int] = []
+        self.shift_moves = None
+        self.num_shifted_tokens = 0  # prompt tokens moved from kv_shift's source at first admission
         # Monotonic timestamps for the metrics; None until the event happens.
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None

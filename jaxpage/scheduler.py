@@ -12,7 +12,7 @@ dry, the most recently admitted request is preempted: its pages are freed and it
 (preemption_mode "swap") they are copied to host memory and back. With tiers below the pool (a `KVStore`),
 cached pages the pool evicts are saved to them, and a prefix lookup that misses the pool continues there; the
 pages it finds are loaded into fresh pages. The device work is listed in `SchedulerOutput`; the engine runs it
-before the step, in the order saves, swap out, swap in, loads, copies.
+before the step, in the order saves, swap out, swap in, loads, shifts, copies.
 
 Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
 request's pages and tokens), `replace_last_token` (the last token, sampled but not yet computed, becomes
@@ -64,6 +64,9 @@ class SchedulerOutput:
     swap_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages to host
     swap_in: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages from host
     loads: list[tuple[int, object]] = dataclasses.field(default_factory=list)  # (page, K/V from a tier)
+    # Token moves of requests whose prompt drops tokens from an earlier one (kv_shift.token_moves), after the
+    # loads (a source may be a page just loaded).
+    shifts: list = dataclasses.field(default_factory=list)
     copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) copy-on-write
 
     @property
@@ -263,6 +266,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[], preempted=[])
+        self.kv_cache.release_shift_sources()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -417,6 +421,9 @@ class Scheduler:
             return False
         kv.count_prefix_hit(request)
         out.loads += kv.commit_loads(request)
+        moves = kv.commit_shift(request)
+        if moves is not None:
+            out.shifts.append(moves)
         out.scheduled.append(ScheduledRequest(request, num_new))
         return True
 

@@ -46,6 +46,7 @@ import sharegpt
 from absl import app, flags
 
 from jaxpage import SamplingParams, gin_config
+from jaxpage.conversation import Turn
 from jaxpage.llm import LLM
 from jaxpage.runner import kv_bytes_per_page
 
@@ -84,20 +85,21 @@ class Client:
         self.turn = 0
         self.ready_at = 0.0
 
-    def next_prompt(self) -> tuple[list[int], int, tuple | None]:
-        """(prompt token ids, output length, (user text, rendered prompt) or None) of the next turn."""
+    def next_prompt(self) -> tuple[list[int], int, Turn | None]:
+        """(prompt token ids, output length, the conversation's `Turn` or None) of the next turn."""
         turn = self.turns[self.turn]
         if self.chat is None:
             return self.token_ids + turn, FLAGS.output_tokens, None
         text, reply_len = turn
-        prompt, rendered = self.chat.prompt_token_ids(text)
-        return prompt, min(reply_len, FLAGS.output_tokens), (text, rendered)
+        out_len = min(reply_len, FLAGS.output_tokens)
+        turn = self.chat.next_turn(text, out_len)
+        return turn.prompt_token_ids, out_len, turn
 
-    def finished(self, prompt, texts, output, now: float) -> None:
+    def finished(self, prompt, turn: Turn | None, output, now: float) -> None:
         if self.chat is None:
             self.token_ids = prompt + list(output.outputs[0].token_ids)
         else:
-            self.chat.add_reply(texts[0], prompt, texts[1], output)
+            self.chat.add_reply(turn, output)
         self.turn += 1
         self.ready_at = now + self.rng.exponential(FLAGS.think_time) if FLAGS.think_time else now
 
@@ -165,12 +167,13 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
         # The clients furthest behind go first, so with --concurrency 1 the turns go round the clients.
         for client in sorted(ready, key=lambda c: (c.turn, c.ready_at, c.index)):
             if len(in_flight) < FLAGS.concurrency:
-                prompt, out_len, texts = client.next_prompt()
+                prompt, out_len, turn = client.next_prompt()
                 if len(prompt) + out_len > engine.max_model_len:
                     client.turn = len(client.turns)  # the conversation outgrew the context: it ends here
                     continue
                 params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
-                in_flight[client.index] = (engine.add_request(prompt, params), prompt, texts)
+                options = turn.request_options if turn is not None else {}
+                in_flight[client.index] = (engine.add_request(prompt, params, **options), prompt, turn)
         if not engine.has_unfinished_requests():
             time.sleep(0.001)  # every client is thinking
             continue
@@ -178,7 +181,7 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
             if not output.finished:
                 continue
             client = next(c for c in clients if in_flight.get(c.index, (None,))[0] == output.request_id)
-            _, prompt, texts = in_flight.pop(client.index)
+            _, prompt, turn = in_flight.pop(client.index)
             m = output.metrics
             host, disk = m.tier_hit_tokens["host"], m.tier_hit_tokens["disk"]
             records.append({
@@ -188,7 +191,7 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
                 "computed_tokens": len(prompt) - m.num_cached_tokens,
             })  # fmt: skip
             output_tokens += len(output.outputs[0].token_ids)
-            client.finished(prompt, texts, output, time.monotonic())
+            client.finished(prompt, turn, output, time.monotonic())
     seconds = time.monotonic() - start
     metrics = engine.metrics()
     result = {

@@ -35,9 +35,9 @@ def test_a_template_that_rewrites_history_is_tokenized_afresh():
     llm = LLM.from_gin(["configs/tiny_test.gin"])
     chat = llm.conversation()
     chat.send("Hello", SamplingParams(max_tokens=4, temperature=0))
-    chat._text = "something the template no longer renders"
-    prompt, text = chat.prompt_token_ids("Again")
-    assert prompt == llm.tokenizer.encode(text, add_special_tokens=False)
+    chat._pieces = [("something the template no longer renders", [1, 2, 3])]
+    turn = chat.next_turn("Again")
+    assert turn.prompt_token_ids == llm.tokenizer.encode(turn.text, add_special_tokens=False)
 
 
 def test_a_streamed_turn_joins_the_conversation_when_it_finishes():
