@@ -11,6 +11,7 @@ Threads: `add_request` and `abort` may be called from any thread while one threa
 """
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -118,6 +119,10 @@ class LLMEngine:
             config, model_config, bytes_per_page, lambda: random_id or _checkpoint_identity(model_path)
         )
         self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size)
+        if self.store is not None:
+            self.store.stage = functools.partial(
+                jax.device_put, device=page_copy.host_memory(self.runner.kv_pool)
+            )
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
         if config.preemption_mode == "swap":
@@ -450,6 +455,8 @@ class LLMEngine:
         self.runner.kv_pool = page_copy.warmup(
             self.runner.kv_pool, self.config.max_num_seqs, swap_pages, tier_pages, inv_freq
         )
+        if self.store is not None and jax.default_backend() != "cpu":  # on the CPU it is plain memory
+            page_copy.reserve_host_memory(self.runner.kv_pool, self.store.host_capacity_pages)
         return seconds
 
     def close(self) -> None:

@@ -295,6 +295,9 @@ class KVStore:
             self._to_read = queue.SimpleQueue()
             threading.Thread(target=self._read_ahead, name="kv-prefetch", daemon=True).start()
         self.num_prefetched = 0  # pages read from disk ahead of their request's admission
+        # Turns a page read from disk into what loads take fastest (the engine's: an array in pinned host
+        # memory); on the read-ahead thread for pages read ahead. None: kept as read.
+        self.stage = None
 
     @property
     def num_host_pages(self) -> int:
@@ -381,7 +384,10 @@ class KVStore:
     def _read_ahead(self) -> None:
         to_read = self._to_read
         while (key := to_read.get()) is not None:
-            self._read.put((key, self.disk.get(key)))
+            self._read.put((key, self._staged(self.disk.get(key))))
+
+    def _staged(self, data):
+        return data if data is None or self.stage is None else self.stage(data)
 
     def _collect(self) -> None:
         """Moves pages read ahead into the host tier."""
@@ -408,7 +414,7 @@ class KVStore:
                 self._host.move_to_end(key.digest)
                 found.append(("host", entry[1]))
                 continue
-            data = self.disk.get(key) if self.disk is not None else None
+            data = self._staged(self.disk.get(key)) if self.disk is not None else None
             if data is None:
                 break
             found.append(("disk", data))

@@ -132,6 +132,20 @@ def gather_pages_to_host(kv_pool: KVPool, page_ids: list[int], max_piece: int) -
     return pages
 
 
+def host_memory(kv_pool: KVPool) -> jax.sharding.Sharding:
+    """Where a page read from disk (numpy) is best put ahead of its load: `jax.device_put(page, it)`."""
+    return _memories(kv_pool)[1]
+
+
+def reserve_host_memory(kv_pool: KVPool, num_pages: int) -> None:
+    """Has the device's pinned host memory allocator take `num_pages` pages' worth now. It keeps what it took
+    and hands it out again, so the host tier's saves never wait for it to grow: pinning fresh memory runs at a
+    few GB/s, a stall of hundreds of ms in the middle of a step."""
+    k = kv_pool[0][0]
+    shape = (num_pages, len(kv_pool), 2, k.shape[0], k.shape[2], k.shape[3])
+    jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=_memories(kv_pool)[1])().block_until_ready()
+
+
 def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, max_piece: int) -> KVPool:
     """Writes each of `pages` (what `gather_pages_to_host` returned, or numpy arrays of that shape) into its
     page of `page_ids`, at most `max_piece` pages a program; returns the updated pool (the argument is
@@ -139,7 +153,7 @@ def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, m
     not wait for them."""
     assert page_ids and 0 not in page_ids and len(pages) == len(page_ids), (page_ids, len(pages))
     memories = _memories(kv_pool)
-    pages = [p if isinstance(p, jax.Array) else jax.device_put(np.asarray(p), memories[1]) for p in pages]
+    pages = [p if isinstance(p, jax.Array) else jax.device_put(p, memories[1]) for p in pages]
     for start, size in _pieces(len(page_ids), max_piece):
         piece = np.asarray(page_ids[start : start + size], np.int32)
         scatter = _scatter_from_host(len(kv_pool), size, memories)
