@@ -72,12 +72,12 @@ class KVCacheManager:
 
     # ---- admission -----------------------------------------------------------------------------------------
 
-    def take_prefix(self, request: Request, keep_free: int = 0) -> bool:
+    def take_prefix(self, request: Request, keep_free: int = 0, shift: bool = True) -> bool:
         """Gives a request without pages the leading pages it need not compute: a running sibling sample's
         (the samples of one prompt share it) or the prefix cache's. At least the last token is left to
         compute, for its logits. Pages found in the tiers below the pool leave `keep_free` pages free (for the
-        tokens the request computes now). False, taking nothing, when the sibling has not computed the prompt
-        yet."""
+        tokens the request computes now). With `shift`, a request's `kv_shift` source fills what follows.
+        False, taking nothing, when the sibling has not computed the prompt yet."""
         assert not request.page_ids and request.num_computed_tokens == 0, request
         reusable = request.num_tokens - 1
         source = request.fork_source
@@ -99,7 +99,7 @@ class KVCacheManager:
                 ]
                 request.page_ids += pages
             request.num_computed_tokens = len(request.page_ids) * self.page_size
-            if request.kv_shift is not None:
+            if request.kv_shift is not None and shift:
                 self._take_shifted(request, reusable, keep_free)
         return True
 
@@ -127,9 +127,11 @@ class KVCacheManager:
             sources += pages
         end = min(shift.num_reusable(len(sources) * size), reusable) // size
         end = min(end, first + max(0, self.pool.num_free_pages - keep_free))
-        request.shift_sources = sources
-        if end <= first:
+        if end <= first:  # nothing to move: the source pages go back at once
+            self.pool.free(sources)
+            request.loads = [load for load in request.loads if load[0] not in sources]
             return
+        request.shift_sources = sources
         request.page_ids += self.pool.allocate(end - first)
         request.shift_moves = token_moves(shift, first * size, end * size, request.page_ids, sources, size)
         request.num_computed_tokens = end * size
@@ -155,6 +157,11 @@ class KVCacheManager:
         for index in range(end - moves.shape[1] // self.page_size, end):
             self.pool.cache(request.page_ids[index], request.page_keys[index])
         return moves
+
+    @property
+    def held_shift_sources(self) -> list[int]:
+        """Pages held, outside any page table, until the shifts that read them are dispatched."""
+        return self._shift_sources
 
     def release_shift_sources(self) -> None:
         """Called as a schedule starts: the last schedule's shifts were dispatched; their sources may go."""

@@ -16,8 +16,10 @@ miss (the caller recomputes it).
 
 import atexit
 import collections
+import concurrent.futures
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -193,15 +195,15 @@ class DiskTier:
             blob = self._file(key.digest).read_bytes()
         except OSError:
             return None
-        body, checksum = blob[:-32], blob[-32:]
+        body, checksum = memoryview(blob)[:-32], blob[-32:]  # a view: no copy of the page's bytes
         if len(blob) < len(_MAGIC) + 4 + 32 or hashlib.sha256(body).digest() != checksum:
             return None
-        if not body.startswith(_MAGIC):
+        if body[: len(_MAGIC)] != _MAGIC:
             return None
         (header_len,) = struct.unpack_from("<I", body, len(_MAGIC))
         start = len(_MAGIC) + 4
         try:
-            header = json.loads(body[start : start + header_len])
+            header = json.loads(bytes(body[start : start + header_len]))
         except ValueError:
             return None
         if not isinstance(header, dict):
@@ -290,6 +292,7 @@ class KVStore:
         self.wanted: collections.Counter[bytes] = collections.Counter()
         self._requested: set[bytes] = set()  # digests being read from disk ahead
         self._read: queue.SimpleQueue = queue.SimpleQueue()  # (key, K/V or None) read ahead
+        self._readers = None if disk is None else concurrent.futures.ThreadPoolExecutor(8, "kv-disk-read")
         self._to_read: queue.SimpleQueue | None = None
         if disk is not None and lookahead:
             self._to_read = queue.SimpleQueue()
@@ -354,6 +357,7 @@ class KVStore:
             self._to_read.put(None)
             self._to_read = None
         if self.disk is not None:
+            self._readers.shutdown()
             self.disk.close()
 
     # ---- look-ahead ----------------------------------------------------------------------------------------
@@ -403,22 +407,32 @@ class KVStore:
 
     # ---- lookup --------------------------------------------------------------------------------------------
 
+    def _only_on_disk(self, key: PageKey) -> bool:
+        return key.digest not in self._host and key.digest in self.disk
+
     def lookup(self, keys: list[PageKey], limit: int) -> list[tuple[str, object]]:
         """(tier, K/V) of the longest run of leading `keys` (at most `limit`) found in the host tier or on
         disk. A page read from disk is put back in the host tier."""
         self._collect()
-        found, from_disk = [], []
-        for key in keys[:limit]:
+        found, from_disk, keys = [], [], keys[:limit]
+        while len(found) < len(keys):
+            key = keys[len(found)]
             entry = self._host.get(key.digest)
             if entry is not None and entry[0].token_ids == key.token_ids:
                 self._host.move_to_end(key.digest)
                 found.append(("host", entry[1]))
                 continue
-            data = self._staged(self.disk.get(key)) if self.disk is not None else None
-            if data is None:
+            # The run of pages on disk from here is read on several threads at once (file reads, checksums
+            # and copies into pinned memory all let go of the GIL); the first miss ends the walk.
+            run = (
+                [] if self.disk is None else list(itertools.takewhile(self._only_on_disk, keys[len(found) :]))
+            )
+            read = list(self._readers.map(lambda k: self._staged(self.disk.get(k)), run)) if run else []
+            hits = list(itertools.takewhile(lambda pair: pair[1] is not None, zip(run, read, strict=True)))
+            found += [("disk", data) for _, data in hits]
+            from_disk += hits
+            if not run or len(hits) < len(run):
                 break
-            found.append(("disk", data))
-            from_disk.append((key, data))
         for key, data in from_disk:  # after the walk, so that they push none of its own hits down
             self.save(key, data)
         return found

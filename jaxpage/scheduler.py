@@ -411,13 +411,18 @@ class Scheduler:
             return True
 
         # Pages for the tokens computed now stay free of tier loads, so a long history cannot crowd them out.
-        if not kv.take_prefix(request, keep_free=kv.pages_for(budget) + 1):
-            return False  # wait for the sibling sample to compute the shared prompt
-        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-        reserved = self._reserved_pages(request)
-        if not (kv.allocate(request, num_new, out.copies) and kv.top_up(request, reserved)):
+        # Moving a truncated conversation's K/V holds its source pages too; if that leaves too few pages, the
+        # request is admitted without the move rather than waiting for pages it holds itself.
+        for shift in (True, False) if request.kv_shift is not None else (True,):
+            if not kv.take_prefix(request, keep_free=kv.pages_for(budget) + 1, shift=shift):
+                return False  # wait for the sibling sample to compute the shared prompt
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            reserved = self._reserved_pages(request)
+            if kv.allocate(request, num_new, out.copies) and kv.top_up(request, reserved):
+                break
             kv.free(request)
             request.num_computed_tokens = 0
+        else:
             return False
         kv.count_prefix_hit(request)
         out.loads += kv.commit_loads(request)

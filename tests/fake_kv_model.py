@@ -76,6 +76,12 @@ class FakeKVModel:
                 self._set_page(page, content)
         for page, kv in output.loads:
             self._set_page(page, [None if pos < 0 else (int(pos), int(tok)) for pos, tok in np.asarray(kv)])
+        for moves in output.shifts:  # a token moved keeps its token and takes its new position
+            src_page, src_slot, dst_page, dst_slot, delta = (np.asarray(row).tolist() for row in moves)
+            moved = [self.slots.get(p * self.page_size + i) for p, i in zip(src_page, src_slot, strict=True)]
+            for page, slot, shift, value in zip(dst_page, dst_slot, delta, moved, strict=True):
+                assert value is not None, "a move reads an empty slot"
+                self.slots[page * self.page_size + slot] = (value[0] + shift, value[1])
         sources = {src: self.page(src) for src, _ in output.copies}  # every copy reads the pre-step pool
         for src, dst in output.copies:
             self._set_page(dst, sources[src])

@@ -170,4 +170,3 @@ def test_shift_moves_need_the_prefix_cache():
         llm.engine.add_request([5, 8], kv_shift=KVShift((5, 6, 8), keep=1, drop=1), cache_salt="s")
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         llm.conversation(drop_oldest_turns=True, shift_kv=True)
-

@@ -307,7 +307,8 @@ def test_smollm2_history_from_host_memory_or_disk_gives_the_recomputed_replies(t
 
 def test_pages_move_to_pinned_host_memory_and_back_and_reserving_it_changes_nothing():
     pool = tuple(
-        (jnp.arange(2 * 5 * 4 * 3.0).reshape(2, 5, 4, 3) + i, jnp.full((2, 5, 4, 3), -1.0 - i)) for i in range(2)
+        (jnp.arange(2 * 5 * 4 * 3.0).reshape(2, 5, 4, 3) + i, jnp.full((2, 5, 4, 3), -1.0 - i))
+        for i in range(2)
     )
     expected = [(np.asarray(k), np.asarray(v)) for k, v in pool]
     page_copy.reserve_host_memory(pool, 3)

@@ -1,6 +1,7 @@
 """Random operation sequences over the scheduler and its page pool with every feature at once: prefix caching,
 samples of one prompt sharing pages with copy-on-write, recompute and swap preemption, abort, and what beam
-search does between steps: forking a request (its pages shared), replacing its pending token, holding it.
+search does between steps: forking a request (its pages shared), replacing its pending token, holding it;
+and requests whose prompt drops tokens from the middle of an earlier one's, whose cached pages move.
 
 After every operation: reference counts equal the live page tables' references, no page is both free and held,
 cached pages hold the tokens of their key, swap space is accounted for. At the end the pool is full again and
@@ -18,6 +19,7 @@ import hypothesis.strategies as st
 from fake_kv_model import EOS, VOCAB, FakeKVModel, next_token
 from hypothesis import given, settings
 
+from jaxpage.kv_shift import KVShift
 from jaxpage.kv_tiers import DiskTier, KVStore
 from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
@@ -64,7 +66,7 @@ def check_invariants(sched: Scheduler, model: FakeKVModel) -> None:
         assert sched.kv_cache.store.wanted == wanted
         assert not any(r.wanted_keys for r in sched.running)
     assert sched.held <= set(sched.requests)
-    pool.check_invariants([r.page_ids for r in sched.running])
+    pool.check_invariants([r.page_ids for r in sched.running] + [sched.kv_cache.held_shift_sources])
     for r in sched.waiting:
         assert not r.page_ids and r.status != RequestStatus.RUNNING
         assert r.status == RequestStatus.SWAPPED or r.num_computed_tokens == 0
@@ -106,7 +108,7 @@ def operations(kinds: list[str]):
     caching=st.booleans(),
     mode=st.sampled_from(["recompute", "swap"]),
     num_swap_pages=st.integers(0, 30),
-    ops=operations(["add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
+    ops=operations(["add", "step", "step", "step", "step", "abort", "fork", "replace", "hold", "shift"]),
 )
 def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     num_pages, page_size, max_num_seqs, max_num_batched_tokens, caching, mode, num_swap_pages, ops
@@ -127,7 +129,9 @@ def test_random_operations_keep_the_pool_consistent_and_outputs_exact(
     disk_pages=st.sampled_from([None, 1, 4, 30]),
     lookahead=st.booleans(),
     write_through=st.booleans(),
-    ops=operations(["add", "add", "step", "step", "step", "step", "abort", "fork", "replace", "hold"]),
+    ops=operations(
+        ["add", "add", "step", "step", "step", "step", "abort", "fork", "replace", "hold", "shift"]
+    ),
 )
 def test_random_operations_over_host_and_disk_tiers_keep_them_consistent_and_outputs_exact(
     num_pages,
@@ -201,6 +205,23 @@ def run_operations(
                 source = group[0] if group else None
                 group.append(Request(f"r{index}/{i}", prompt, sample_params, fork_source=source))
             for request in group:
+                try:
+                    sched.add_request(request)
+                    added.append(request)
+                except ValueError:
+                    assert request.request_id not in sched.requests
+        elif op == "shift" and caching and added:
+            # A conversation truncated in the middle: an earlier request's tokens without some after the
+            # first `keep`, then one more; its cached pages move to the new positions.
+            source = added[which % len(added)]
+            tokens = source.all_token_ids
+            keep, drop = which % 5, 1 + suffix
+            if keep + drop < len(tokens):
+                shift = KVShift(tuple(tokens), keep, drop, source.extra_key)
+                prompt = tokens[:keep] + tokens[keep + drop :] + [index % 40 + 1]
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=[EOS])
+                params = dataclasses.replace(params, seed=sample_seed(index, 0))
+                request = Request(f"r{index}/s", prompt, params, extra_key=f"s{index}", kv_shift=shift)
                 try:
                     sched.add_request(request)
                     added.append(request)
