@@ -218,8 +218,14 @@ def warmup(
     for null in null_pages(max_swap_pages):
         kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
     for null in null_pages(max_tier_pages):
-        pages = _gather_to_host(len(kv_pool), len(null), _memories(kv_pool))(kv_pool, null)
-        kv_pool = _scatter_from_host(len(kv_pool), len(null), _memories(kv_pool))(kv_pool, null, pages)
+        memories = _memories(kv_pool)
+        pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
+        scatter = _scatter_from_host(len(kv_pool), len(null), memories)
+        kv_pool = scatter(kv_pool, null, pages)
+        # Pages read from disk arrive put into pinned memory from numpy; on a GPU their layout may differ
+        # from the gather's outputs, which is another program.
+        from_disk = tuple(jax.device_put(np.asarray(page), memories[1]) for page in pages)
+        kv_pool = scatter(kv_pool, null, from_disk)
     if inv_freq is not None:
         kv_pool = shift_tokens(kv_pool, np.zeros((5, 1), np.int32), inv_freq)
     return kv_pool
