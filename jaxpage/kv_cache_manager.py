@@ -50,7 +50,7 @@ class KVCacheManager:
         self.tier_hit_tokens = {"host": 0, "disk": 0}  # of the prefix hits, those loaded from each tier
         self.num_shifted_tokens = 0  # of the prefix hits, those moved from a truncated conversation's K/V
         # Source pages of the last schedule's shifts: held until the engine has dispatched the shifts that
-        # read them (the next schedule), so that no page of that step's moves is written before it is read.
+        # read them (the step is launched), so that no page of that step's moves is written before it is read.
         self._shift_sources: list[int] = []
 
     def pages_for(self, num_tokens: int) -> int:
@@ -164,7 +164,7 @@ class KVCacheManager:
         return self._shift_sources
 
     def release_shift_sources(self) -> None:
-        """Called as a schedule starts: the last schedule's shifts were dispatched; their sources may go."""
+        """Called once the step is launched: its shifts were dispatched; their sources may go."""
         self.pool.free(self._shift_sources)
         self._shift_sources = []
 

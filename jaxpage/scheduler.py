@@ -266,7 +266,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         out = SchedulerOutput(scheduled=[], preempted=[])
-        self.kv_cache.release_shift_sources()
+        self.kv_cache.release_shift_sources()  # held for a step whose launch failed
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -330,6 +330,7 @@ class Scheduler:
         """Marks the step's tokens computed once it is launched: each row that samples gets one pending token,
         whose value `update_from_output` supplies. The next step may be scheduled in between (overlapped
         steps): its rows compute the pending tokens from the device's copy."""
+        self.kv_cache.release_shift_sources()  # the step's moves were dispatched before it
         for item in output.scheduled:
             request = item.request
             assert request.num_computed_tokens == item.first, (request, item.first)
