@@ -224,6 +224,8 @@ class LLMEngine:
             raise ValueError("kv_shift needs engine config field enable_prefix_caching (it moves cached K/V)")
         if params.use_beam_search:
             raise ValueError("kv_shift is not supported with beam search")
+        if params.prompt_logprobs is not None:  # moved tokens would have no logprobs
+            raise ValueError("kv_shift is not supported with prompt_logprobs")
         kv_shift.check(prompt_token_ids, cache_salt)
 
     def _in_use(self, request_id: str) -> bool:

@@ -99,7 +99,7 @@ class KVCacheManager:
                 ]
                 request.page_ids += pages
             request.num_computed_tokens = len(request.page_ids) * self.page_size
-            if request.kv_shift is not None and shift:
+            if request.kv_shift is not None and shift and request.page_keys:
                 self._take_shifted(request, reusable, keep_free)
         return True
 
@@ -126,6 +126,7 @@ class KVCacheManager:
             ]
             sources += pages
         end = min(shift.num_reusable(len(sources) * size), reusable) // size
+        end = min(end, len(request.page_keys))  # the moved pages are cached under these
         end = min(end, first + max(0, self.pool.num_free_pages - keep_free))
         if end <= first:  # nothing to move: the source pages go back at once
             self.pool.free(sources)
@@ -196,7 +197,9 @@ class KVCacheManager:
             moves = request.shift_moves
             request.num_shifted_tokens = 0 if moves is None else moves.shape[1]
             self.num_shifted_tokens += request.num_shifted_tokens
-            tiers = collections.Counter(tier for _, _, tier, _ in request.loads)
+            # The request's own pages found in the tiers (not a kv_shift source's, held only to be read).
+            sources = set(request.shift_sources)
+            tiers = collections.Counter(tier for page, _, tier, _ in request.loads if page not in sources)
             for tier in request.tier_hit_tokens:
                 request.tier_hit_tokens[tier] = tiers[tier] * self.page_size
                 self.tier_hit_tokens[tier] += tiers[tier] * self.page_size

@@ -142,8 +142,13 @@ def reserve_host_memory(kv_pool: KVPool, num_pages: int) -> None:
     and hands it out again, so the host tier's saves never wait for it to grow: pinning fresh memory runs at a
     few GB/s, a stall of hundreds of ms in the middle of a step."""
     k = kv_pool[0][0]
-    shape = (num_pages, len(kv_pool), 2, k.shape[0], k.shape[2], k.shape[3])
-    jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=_memories(kv_pool)[1])().block_until_ready()
+    # In blocks of at most 256 pages, all held until the end (a block freed first would only be taken again),
+    # so that the device never needs more than one block's worth if it builds them there.
+    block = min(num_pages, 256)
+    shape = (block, len(kv_pool), 2, k.shape[0], k.shape[2], k.shape[3])
+    make = jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=_memories(kv_pool)[1])
+    blocks = [make() for _ in range(-(-num_pages // block))]
+    jax.block_until_ready(blocks)
 
 
 def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, max_piece: int) -> KVPool:

@@ -157,6 +157,8 @@ def test_bad_shifts_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="beam search"):
         beams = SamplingParams(n=2, use_beam_search=True, temperature=0)
         engine.add_request(prompt, beams, kv_shift=good, cache_salt="s")
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        engine.add_request(prompt, SamplingParams(prompt_logprobs=1), kv_shift=good, cache_salt="s")
     with pytest.raises(ValueError, match="shift_kv needs drop_oldest_turns"):
         llm.conversation(shift_kv=True)
     with pytest.raises(ValueError, match="drop_oldest_turns must be a bool"):
