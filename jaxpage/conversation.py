@@ -70,11 +70,7 @@ class Conversation:
 
     @property
     def token_ids(self) -> list[int]:
-        return [token for _, tokens in self._pieces for token in tokens]
-
-    @property
-    def _text(self) -> str:  # what the chat template renders for `token_ids`
-        return "".join(text for text, _ in self._pieces)
+        return _tokens(self._pieces)
 
     def next_turn(self, user_text: str, max_tokens: int = 0) -> Turn:
         """The request for `user_text`, with the oldest turns dropped (`drop_oldest_turns`) until it leaves

@@ -109,10 +109,7 @@ def _scatter_from_host(num_layers: int, num_pages: int, memories: tuple):
 
     def scatter(kv_pool: KVPool, page_ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVPool:
         data = jnp.stack([jax.device_put(page, jax.memory.Space.Device) for page in pages], axis=3)
-        return tuple(
-            (k.at[:, page_ids].set(data[layer, 0]), v.at[:, page_ids].set(data[layer, 1]))
-            for layer, (k, v) in enumerate(kv_pool)
-        )
+        return _scatter(kv_pool, page_ids, data)  # inlined into this program
 
     pool = ((device, device),) * num_layers
     return jax.jit(
