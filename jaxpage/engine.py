@@ -440,6 +440,8 @@ class LLMEngine:
             shifted_tokens=scheduler.kv_cache.num_shifted_tokens,
             num_host_pages=self.store.num_host_pages if self.store else 0,
             num_disk_pages=len(self.store.disk) if self.store and self.store.disk else 0,
+            disk_prefetched_pages=self.store.num_prefetched if self.store else 0,
+            host_prefetched_pages=scheduler.kv_cache.num_prefetched_pages,
             num_compiles_after_warmup=self._num_compiles_after_warmup,
         )
 

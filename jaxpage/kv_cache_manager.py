@@ -38,6 +38,8 @@ class KVCacheManager:
         self.pool = pool
         self.store = store
         pool.keep_evicted = store is not None
+        if store is not None and store.lookahead:
+            pool.wanted = store.wanted
         self.write_through = write_through and store is not None
         self._filled: list[tuple[int, PageKey]] = []  # pages cached since the last saves (write-through)
         self.page_size = page_size
@@ -49,6 +51,7 @@ class KVCacheManager:
         self.num_copies = 0
         self.tier_hit_tokens = {"host": 0, "disk": 0}  # of the prefix hits, those loaded from each tier
         self.num_shifted_tokens = 0  # of the prefix hits, those moved from a truncated conversation's K/V
+        self.num_prefetched_pages = 0  # pages loaded from host memory for queued requests (look-ahead)
         # Source pages of the last schedule's shifts: held until the engine has dispatched the shifts that
         # read them (the step is launched), so that no page of that step's moves is written before it is read.
         self._shift_sources: list[int] = []
@@ -136,6 +139,28 @@ class KVCacheManager:
         request.page_ids += self.pool.allocate(end - first)
         request.shift_moves = token_moves(shift, first * size, end * size, request.page_ids, sources, size)
         request.num_computed_tokens = end * size
+
+    def prefetch(self, requests: list[Request], keep_free: int) -> list[tuple[int, object]]:
+        """The look-ahead from host memory to the device, for queued `requests` in order, while more than
+        `keep_free` pages are free: the pages each will look up that the host tier holds are loaded into
+        fresh pages and join the prefix cache there, unreferenced, so admission finds them in the pool. They
+        stay allocatable; allocation evicts them after the pages no queued request wants. Returns the loads
+        as (page, K/V), for the engine to run before the step."""
+        loads = []
+        for request in requests:
+            spare = self.pool.num_free_pages - keep_free
+            if spare <= 0:
+                break
+            keys = request.wanted_keys
+            start = self.pool.num_cached_leading(keys)
+            found = self.store.lookup(keys[start:], limit=spare, disk=False) if start < len(keys) else []
+            pages = self.pool.allocate(len(found))
+            for page, key, (_, kv) in zip(pages, keys[start:], found, strict=False):  # keys may be more
+                self.pool.cache(page, key)
+                loads.append((page, kv))
+            self.pool.free(pages[::-1])  # the prefix's head is evicted last
+            self.num_prefetched_pages += len(pages)
+        return loads
 
     def commit_loads(self, request: Request) -> list[tuple[int, object]]:
         """For an admitted request: its pages found in the tiers, as (page, K/V) for the engine to load before

@@ -31,13 +31,20 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from jaxpage.page_pool import PageKey
+from jaxpage.page_pool import PageKey, eviction_victim
 
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"JXPGKV01"
 _MANIFEST = "jaxpage-kv-tier.json"
 _SUFFIX = ".kv"
+
+
+def _result(future: concurrent.futures.Future):
+    """A disk read's page, or None if the read failed (the page is then a miss)."""
+    if future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -87,6 +94,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self.num_bad_files = 0  # files found truncated, corrupted or of another model on read
+        self.wanted: collections.Counter[bytes] | None = None  # digests queued requests want: evicted last
         while len(self._index) > capacity_pages:
             self._evict()
         self._thread = threading.Thread(target=self._work, name="kv-disk-tier", daemon=True)
@@ -162,7 +170,11 @@ class DiskTier:
                 self._queue.put(("delete", digest))
 
     def _evict(self) -> None:
-        digest, _ = self._index.popitem(last=False)
+        if self.wanted:
+            digest = eviction_victim(self._index, self.wanted.__contains__)
+            del self._index[digest]
+        else:
+            digest, _ = self._index.popitem(last=False)
         self._drop_pending(digest)
         self._queue.put(("delete", digest))
 
@@ -275,12 +287,10 @@ class KVStore:
 
     Look-ahead (the AttentionStore paper's scheduler-aware prefetch and eviction), with `lookahead`: the pages
     that queued requests will look up are `want`ed. Those on disk are read into the host tier by a background
-    thread while the requests wait (they join the host tier at the next `settle` or `lookup`), and the host
-    tier evicts the least recently used page that no queued request wants.
+    thread while the requests wait (they join the host tier at the next `settle` or `lookup`), and each tier
+    (the device pool too, see `PagePool.wanted`) evicts the least recently used page that no queued request
+    wants.
     """
-
-    # How far into the LRU order eviction looks for a page no queued request wants, before taking the oldest.
-    EVICTION_SCAN = 64
 
     def __init__(self, host_capacity_pages: int, disk: DiskTier | None = None, lookahead: bool = True):
         assert host_capacity_pages >= 1, host_capacity_pages
@@ -290,16 +300,16 @@ class KVStore:
         self._host: collections.OrderedDict[bytes, tuple[PageKey, object]] = collections.OrderedDict()
         # digest -> how many queued requests want it
         self.wanted: collections.Counter[bytes] = collections.Counter()
-        self._requested: set[bytes] = set()  # digests being read from disk ahead
-        self._read: queue.SimpleQueue = queue.SimpleQueue()  # (key, K/V or None) read ahead
-        self._readers = None if disk is None else concurrent.futures.ThreadPoolExecutor(8, "kv-disk-read")
-        self._to_read: queue.SimpleQueue | None = None
         if disk is not None and lookahead:
-            self._to_read = queue.SimpleQueue()
-            threading.Thread(target=self._read_ahead, name="kv-prefetch", daemon=True).start()
+            disk.wanted = self.wanted
+        # Disk reads run on a pool of threads (file reads, checksums and copies into pinned memory all let go
+        # of the GIL). A read in flight is shared: a lookup of a page being read ahead waits for that read.
+        self._readers = None if disk is None else concurrent.futures.ThreadPoolExecutor(8, "kv-disk-read")
+        self._reading: dict[bytes, tuple[PageKey, concurrent.futures.Future]] = {}  # read ahead, in flight
+        self._read: queue.SimpleQueue = queue.SimpleQueue()  # read-ahead futures done, to collect
         self.num_prefetched = 0  # pages read from disk ahead of their request's admission
         # Turns a page read from disk into what loads take fastest (the engine's: an array in pinned host
-        # memory); on the read-ahead thread for pages read ahead. None: kept as read.
+        # memory), on the reading thread. None: kept as read.
         self.stage = None
 
     @property
@@ -325,15 +335,9 @@ class KVStore:
                 self.disk.put(old_key, old_payload)
 
     def _victim(self) -> bytes:
-        """The least recently used page no queued request wants (among the oldest few), else the oldest."""
-        oldest = next(iter(self._host))
-        if self.wanted:
-            for index, digest in enumerate(self._host):
-                if index == self.EVICTION_SCAN:
-                    break
-                if digest not in self.wanted:
-                    return digest
-        return oldest
+        if not self.wanted:
+            return next(iter(self._host))
+        return eviction_victim(self._host, self.wanted.__contains__)
 
     def touch(self, key: PageKey) -> None:
         if key.digest in self._host:
@@ -352,12 +356,9 @@ class KVStore:
         self._collect()
 
     def close(self) -> None:
-        """Stops the read-ahead thread and closes the disk tier (after its queued writes)."""
-        if self._to_read is not None:
-            self._to_read.put(None)
-            self._to_read = None
+        """Stops the disk reads and closes the disk tier (after its queued writes)."""
         if self.disk is not None:
-            self._readers.shutdown()
+            self._readers.shutdown(cancel_futures=True)
             self.disk.close()
 
     # ---- look-ahead ----------------------------------------------------------------------------------------
@@ -367,15 +368,16 @@ class KVStore:
         if not self.lookahead:
             return
         self.wanted.update(key.digest for key in keys)
-        if self._to_read is None:
+        if self.disk is None:
             return
         for key in keys:
-            if key.digest in self._host or key.digest in self._requested:
+            if key.digest in self._host or key.digest in self._reading:
                 continue
             if key.digest not in self.disk:
                 continue  # perhaps still on the device; a later page may be on disk all the same
-            self._requested.add(key.digest)
-            self._to_read.put(key)
+            future = self._readers.submit(self._read_page, key)
+            self._reading[key.digest] = (key, future)
+            future.add_done_callback(lambda _, key=key, future=future: self._read.put((key, future)))
 
     def unwant(self, keys: list[PageKey]) -> None:
         if not self.lookahead:
@@ -385,34 +387,38 @@ class KVStore:
             if self.wanted[key.digest] <= 0:
                 del self.wanted[key.digest]
 
-    def _read_ahead(self) -> None:
-        to_read = self._to_read
-        while (key := to_read.get()) is not None:
-            self._read.put((key, self._staged(self.disk.get(key))))
-
-    def _staged(self, data):
+    def _read_page(self, key: PageKey):
+        data = self.disk.get(key)
         return data if data is None or self.stage is None else self.stage(data)
 
     def _collect(self) -> None:
         """Moves pages read ahead into the host tier."""
         while True:
             try:
-                key, data = self._read.get_nowait()
+                key, future = self._read.get_nowait()
             except queue.Empty:
                 return
-            self._requested.discard(key.digest)
+            if self._reading.get(key.digest, (None, None))[1] is not future:
+                continue  # a lookup took it
+            del self._reading[key.digest]
+            data = _result(future)
             if data is not None and key.digest not in self._host:
                 self.save(key, data)
                 self.num_prefetched += 1
 
     # ---- lookup --------------------------------------------------------------------------------------------
 
+    def _read_future(self, key: PageKey) -> concurrent.futures.Future:
+        """The page's read ahead, if under way (the lookup takes it over), else a new read."""
+        entry = self._reading.pop(key.digest, None)
+        return self._readers.submit(self._read_page, key) if entry is None else entry[1]
+
     def _only_on_disk(self, key: PageKey) -> bool:
         return key.digest not in self._host and key.digest in self.disk
 
-    def lookup(self, keys: list[PageKey], limit: int) -> list[tuple[str, object]]:
-        """(tier, K/V) of the longest run of leading `keys` (at most `limit`) found in the host tier or on
-        disk. A page read from disk is put back in the host tier."""
+    def lookup(self, keys: list[PageKey], limit: int, disk: bool = True) -> list[tuple[str, object]]:
+        """(tier, K/V) of the longest run of leading `keys` (at most `limit`) found in the host tier or (with
+        `disk`) on disk. A page read from disk is put back in the host tier."""
         self._collect()
         found, from_disk, keys = [], [], keys[:limit]
         while len(found) < len(keys):
@@ -422,12 +428,14 @@ class KVStore:
                 self._host.move_to_end(key.digest)
                 found.append(("host", entry[1]))
                 continue
-            # The run of pages on disk from here is read on several threads at once (file reads, checksums
-            # and copies into pinned memory all let go of the GIL); the first miss ends the walk.
+            # The run of pages on disk from here is read on the reading threads at once, sharing the reads
+            # already under way; the first miss ends the walk.
             run = (
-                [] if self.disk is None else list(itertools.takewhile(self._only_on_disk, keys[len(found) :]))
+                list(itertools.takewhile(self._only_on_disk, keys[len(found) :]))
+                if disk and self.disk is not None
+                else []
             )
-            read = list(self._readers.map(lambda k: self._staged(self.disk.get(k)), run)) if run else []
+            read = [_result(future) for future in [self._read_future(key) for key in run]]
             hits = list(itertools.takewhile(lambda pair: pair[1] is not None, zip(run, read, strict=True)))
             found += [("disk", data) for _, data in hits]
             from_disk += hits

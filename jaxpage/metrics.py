@@ -68,6 +68,10 @@ class EngineMetrics:
     shifted_tokens: int  # of the prefix hits, tokens moved from a truncated conversation's K/V (kv_shift)
     num_host_pages: int  # pages held in the host tier now
     num_disk_pages: int  # ... in the disk tier
+    # Look-ahead for queued requests: pages read from disk into host memory, and loaded from host memory into
+    # free device pages, before their request was admitted.
+    disk_prefetched_pages: int
+    host_prefetched_pages: int
     # XLA compilations that steps ran after warm-up (each a stall): programs of page-copy sizes not seen yet,
     # or step programs warm-up left out (see EngineConfig.compile_after_warmup).
     num_compiles_after_warmup: int
@@ -86,6 +90,7 @@ class EngineMetrics:
             f"copy-on-write copies {self.num_copies}, evictions {self.num_evictions}, "
             f"tier hits host/disk {self.host_hit_tokens}/{self.disk_hit_tokens} tokens, "
             f"shifted {self.shifted_tokens} tokens, "
+            f"prefetched from disk/host {self.disk_prefetched_pages}/{self.host_prefetched_pages} pages, "
             f"compilations after warm-up {self.num_compiles_after_warmup}"
         )
 

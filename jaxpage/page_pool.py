@@ -36,6 +36,25 @@ def page_hashes(
     return keys
 
 
+# How far into an LRU order eviction looks for a page no queued request wants, before taking the oldest.
+EVICTION_SCAN = 64
+
+
+def eviction_victim(lru_order, is_wanted):
+    """The least recently used item of `lru_order` (oldest first) that `is_wanted` rejects, among the oldest
+    `EVICTION_SCAN`; else the oldest. The AttentionStore paper's scheduler-aware eviction: the pages that
+    queued requests will look up stay."""
+    oldest = None
+    for index, item in enumerate(lru_order):
+        if index == EVICTION_SCAN:
+            break
+        if index == 0:
+            oldest = item
+        if not is_wanted(item):
+            return item
+    return oldest
+
+
 class PagePool:
     """A free list and reference counts over pages 1..num_pages-1, with an optional prefix cache.
 
@@ -61,6 +80,9 @@ class PagePool:
         # page's K/V is saved before the page is written again.
         self.keep_evicted = False
         self.evicted: list[tuple[int, PageKey]] = []
+        # Digests that queued requests will look up (set by a KVCacheManager with look-ahead): allocation
+        # evicts other cached pages first.
+        self.wanted: collections.Counter[bytes] | None = None
 
     @property
     def num_usable_pages(self) -> int:
@@ -90,7 +112,7 @@ class PagePool:
         assert 0 <= num_pages <= len(self._free), f"asked for {num_pages} pages, {len(self._free)} free"
         pages = []
         for _ in range(num_pages):
-            page, _ = self._free.popitem(last=False)
+            page = self._take_free()
             assert self._ref_counts[page] == 0, f"page {page} was on the free list while referenced"
             self._ref_counts[page] = 1
             key = self._key_of.pop(page, None)
@@ -101,6 +123,17 @@ class PagePool:
                     self.evicted.append((page, key))
             pages.append(page)
         return pages
+
+    def _take_free(self) -> int:
+        if not self.wanted:
+            return self._free.popitem(last=False)[0]
+        page = eviction_victim(self._free, self._is_wanted)
+        del self._free[page]
+        return page
+
+    def _is_wanted(self, page: int) -> bool:
+        key = self._key_of.get(page)
+        return key is not None and key.digest in self.wanted
 
     def share(self, page_ids: list[int]) -> None:
         """Adds one reference to each page, for another page table that points at it."""
@@ -136,6 +169,14 @@ class PagePool:
                 del self._free[page]
             self._ref_counts[page] += 1
         return hits
+
+    def num_cached_leading(self, keys: list[PageKey]) -> int:
+        """How many leading `keys` the cache holds, taking no reference."""
+        for count, key in enumerate(keys):
+            page = self._page_of.get(key.digest)
+            if page is None or self._key_of[page].token_ids != key.token_ids:
+                return count
+        return len(keys)
 
     def cache(self, page_id: int, key: PageKey) -> None:
         """Records that `page_id` (held, full, its K/V computed) holds the page named `key`. A page already

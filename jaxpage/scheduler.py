@@ -23,6 +23,7 @@ held requests give their pages and rows up, newest first, so a group of beams ne
 
 import collections
 import dataclasses
+import itertools
 import time
 
 import numpy as np
@@ -86,6 +87,9 @@ class Scheduler:
     first to be readmitted and never starves. Waiting requests are admitted in arrival order while a row, the
     token budget and pages allow; the head of the queue blocks the ones behind it, so none is overtaken.
     """
+
+    # Queued requests whose history the look-ahead loads from host memory into free device pages each step.
+    PREFETCH_WINDOW = 16
 
     def __init__(
         self,
@@ -305,6 +309,12 @@ class Scheduler:
             self.running.remove(victim)
             self._preempt(victim, out)
             budget = self._admit_waiting(budget, out)
+        if out.scheduled and self.kv_cache.store is not None and self.kv_cache.store.lookahead:
+            # Only the head of the queue: a long queue's later requests wait long enough to be evicted again.
+            queued = [r for r in itertools.islice(self.waiting, self.PREFETCH_WINDOW) if r.wanted_keys]
+            # What the next step may allocate stays free of them.
+            keep_free = self.kv_cache.pages_for(self.max_num_batched_tokens) + self.max_num_seqs
+            out.loads += self.kv_cache.prefetch(queued, keep_free)
         out.saves = self.kv_cache.take_saves()
         return out
 

@@ -19,8 +19,9 @@ Modes (--modes):
 - host_sync: the same, with every save and load waiting for its copy (what the asynchronous copies buy).
 - host_write_through: the same, pages saved when they fill.
 - disk: a host tier of --disk_host_pages pages over a disk tier (a fresh directory under --disk_dir), with the
-  look-ahead (queued requests' pages read from disk while they wait, and kept from host eviction).
-- disk_lru: the same without the look-ahead: plain LRU, disk reads when a request is admitted.
+  look-ahead (queued requests' pages read from disk and loaded from host memory while they wait, and every
+  tier evicting the pages they want last).
+- disk_lru: the same without the look-ahead: plain LRU, tier reads when a request is admitted.
 
 Per mode and turn index it prints and records mean and p90 TTFT, prompt tokens computed and where the
 history's K/V came from (device, host, disk, miss), and the mode's output throughput; the JSON goes to
@@ -205,6 +206,7 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
     }
     if engine.store is not None:
         result["prefetched_pages"] = engine.store.num_prefetched
+        result["host_prefetched_pages"] = metrics.host_prefetched_pages
     if engine.store is not None and engine.store.disk is not None:
         result["disk_bad_files"] = engine.store.disk.num_bad_files
     engine.close()
@@ -240,7 +242,12 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"{mode:<18} {result['seconds']:.1f} s, {result['output_tokens_per_s']:.1f} output tok/s, "
             f"{result['num_compiles_after_warmup']} compilations after warm-up"
-            + (f", {result['prefetched_pages']} pages read ahead" if "prefetched_pages" in result else "")
+            + (
+                f", look-ahead: {result['prefetched_pages']} pages read from disk, "
+                f"{result['host_prefetched_pages']} loaded from host memory"
+                if "host_prefetched_pages" in result
+                else ""
+            )
         )
     return "\n".join(lines)
 

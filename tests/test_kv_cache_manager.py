@@ -3,7 +3,8 @@ cache, copy-on-write of a shared page, and swap-space accounting. The scheduler'
 property test cover the same operations inside whole schedules."""
 
 from jaxpage.kv_cache_manager import KVCacheManager
-from jaxpage.page_pool import PagePool
+from jaxpage.kv_tiers import KVStore
+from jaxpage.page_pool import PagePool, page_hashes
 from jaxpage.request import Request, RequestStatus
 from jaxpage.sampling_params import SamplingParams
 
@@ -70,3 +71,17 @@ def test_swap_space_is_booked_on_swap_out_and_given_back_on_swap_in():
     assert len(back) == 3 and len(request.page_ids) == 4 and back == request.page_ids[:3]
     assert kv.num_used_swap_pages == 0 and request.num_swapped_pages == 0
     assert kv.swap_in(_request("u", range(2)), 100) is None
+
+
+def test_the_look_ahead_loads_a_queued_requests_history_from_host_memory_into_the_pool():
+    kv = KVCacheManager(PagePool(16, enable_prefix_caching=True), page_size=PAGE, store=KVStore(8))
+    request = _request("q", range(13))  # 3 full pages before its last token
+    for i, key in enumerate(page_hashes(list(range(13)), PAGE)):
+        kv.store.save(key, f"kv{i}")
+    kv.name_prompt_pages(request)  # it is queued
+    assert [data for _, data in kv.prefetch([request], keep_free=13)] == ["kv0", "kv1"]  # 15 free, 13 kept
+    loads = kv.prefetch([request], keep_free=0)
+    assert [data for _, data in loads] == ["kv2"] and kv.num_prefetched_pages == 3
+    assert kv.pool.num_free_pages == 15  # the loaded pages are cached but free
+    assert kv.prefetch([request], keep_free=0) == []  # nothing left to load
+    assert kv.take_prefix(request) and request.loads == [] and request.num_computed_tokens == 12

@@ -2,6 +2,7 @@
 and multi-turn conversations whose history comes back from host memory or disk with the same greedy replies
 as a recompute."""
 
+import collections
 import os
 import time
 
@@ -136,6 +137,36 @@ def test_the_look_ahead_reads_queued_pages_from_disk_and_keeps_them_in_host_memo
     assert not store.wanted
 
 
+def test_a_lookup_shares_the_disk_reads_the_look_ahead_has_under_way(tmp_path, monkeypatch):
+    store = KVStore(1, DiskTier(str(tmp_path), 16, FINGERPRINT))
+    for i, key in enumerate(KEYS[:5]):
+        store.save(key, page(i))
+    store.disk.flush()  # pages 0-3 are files now
+    reads, read = collections.Counter(), store.disk._read
+
+    def slow_read(key):
+        reads[key.token_ids] += 1
+        time.sleep(0.05)
+        return read(key)
+
+    monkeypatch.setattr(store.disk, "_read", slow_read)
+    store.want(KEYS[:4])
+    found = store.lookup(KEYS[:4], limit=4)  # while the look-ahead still reads them
+    assert [kv.tolist() for _, kv in found] == [page(i).tolist() for i in range(4)]
+    assert reads == {KEYS[i].token_ids: 1 for i in range(4)}  # each file read once
+    store.close()
+
+
+def test_the_disk_tier_evicts_the_files_no_queued_request_wants_first(tmp_path):
+    store = KVStore(1, DiskTier(str(tmp_path), 2, FINGERPRINT))
+    for i, key in enumerate(KEYS[:3]):
+        store.save(key, page(i))  # pages 0 and 1 go to disk
+    store.want([KEYS[0]])  # a queued request will look page 0 up
+    store.save(KEYS[3], page(3))  # page 2 goes to disk, which holds 2: page 1 goes, not the older page 0
+    assert [KEYS[i].digest in store.disk for i in range(3)] == [True, False, True]
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("bindings", "message"),
     [
@@ -219,6 +250,36 @@ def test_history_from_host_memory_gives_the_recomputed_replies(recomputed, write
         {"host": 40, "disk": 0},
         {"host": 56, "disk": 0},
     ]
+
+
+def queued_turns(bindings: list[str]) -> tuple[list[list[int]], list, object]:
+    """Three conversations' first and second turns, one request running at a time, so that second turns
+    queue: their replies, the second turns' outputs, and the engine's metrics."""
+    llm = LLM.from_gin(["configs/tiny_test.gin"], POOL + ["EngineConfig.max_num_seqs = 1"] + bindings)
+    prompts = [list(range(200 + 60 * c, 240 + 60 * c)) for c in range(3)]
+    first = llm.generate(prompts, GREEDY)
+    llm.generate(FILLER, SamplingParams(max_tokens=1))  # evicts the conversations from the device
+    prompts = [p + o.outputs[0].token_ids + [7, 8, 9] for p, o in zip(prompts, first, strict=True)]
+    second = llm.generate(prompts, GREEDY)
+    return [o.outputs[0].token_ids for o in first + second], second, llm.engine.metrics()
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_queued_turns_find_their_history_loaded_ahead_with_the_recomputed_replies(lookahead):
+    replies, _, _ = queued_turns([])
+    tiers = [
+        f"EngineConfig.kv_host_cache_gib = {page_gib(200)}",
+        f"EngineConfig.kv_tier_lookahead = {lookahead}",
+    ]
+    replies_from_tiers, second, metrics = queued_turns(tiers)
+    assert replies_from_tiers == replies
+    # Each second turn reuses its 6 full pages. The first is admitted at once and loads them from host memory;
+    # with the look-ahead the queued two find theirs loaded into the pool while the first ran.
+    assert [o.metrics.num_cached_tokens for o in second] == [48, 48, 48]
+    host_hits = [o.metrics.tier_hit_tokens["host"] for o in second]
+    assert host_hits == ([48, 0, 0] if lookahead else [48, 48, 48])
+    # (At most 12: a page the filler left on the device needs no load.)
+    assert 0 < metrics.host_prefetched_pages <= 12 if lookahead else metrics.host_prefetched_pages == 0
 
 
 def disk_bindings(directory) -> list[str]:

@@ -65,12 +65,18 @@ def test_summary_names_every_counter():
         shifted_tokens=24,
         num_host_pages=7,
         num_disk_pages=9,
+        disk_prefetched_pages=6,
+        host_prefetched_pages=8,
         num_compiles_after_warmup=1,
     )
     assert metrics.prefix_cache_hit_rate == 0.25
     assert metrics.summary() == (
         "steps 10, peak KV usage 75.0% (now 25.0%), prefix-cache hit rate 25.0% (50/200 tokens), "
         "preemptions 2, swaps out/in 1/1, copy-on-write copies 4, evictions 5, "
-        "tier hits host/disk 16/32 tokens, shifted 24 tokens, compilations after warm-up 1"
+        "tier hits host/disk 16/32 tokens, shifted 24 tokens, prefetched from disk/host 6/8 pages, "
+        "compilations after warm-up 1"
     )
-    assert EngineMetrics(0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0).prefix_cache_hit_rate == 0.0
+    assert (
+        EngineMetrics(0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0).prefix_cache_hit_rate
+        == 0.0
+    )

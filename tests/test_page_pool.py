@@ -1,10 +1,12 @@
 """The page pool: the null page is never handed out, ref counts equal live references, nothing leaks."""
 
+import collections
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from jaxpage.page_pool import PagePool
+from jaxpage.page_pool import PagePool, page_hashes
 
 
 def test_null_page_is_never_allocated():
@@ -76,3 +78,16 @@ def test_random_operations_keep_counts_equal_to_references(num_pages, ops):
         pool.free(table)
     pool.check_invariants([])
     assert pool.num_free_pages == num_pages - 1
+
+
+def test_allocation_evicts_the_cached_pages_no_queued_request_wants_first():
+    pool = PagePool(5, enable_prefix_caching=True)
+    keys = page_hashes(list(range(8)), 2)
+    pages = pool.allocate(4)
+    for page, key in zip(pages, keys, strict=True):
+        pool.cache(page, key)
+    pool.free(pages)  # LRU order: pages[0] is evicted first
+    pool.wanted = collections.Counter([keys[0].digest, keys[2].digest])
+    assert pool.allocate(2) == [pages[1], pages[3]]  # plain LRU would take pages[0] and pages[1]
+    assert pool.num_cached_leading(keys) == 1 and pool.evicted == []  # (evictions are kept only for tiers)
+    assert pool.allocate(2) == [pages[0], pages[2]]  # only wanted ones are left: oldest first
