@@ -144,7 +144,9 @@ class KVCacheManager:
         """The look-ahead from host memory to the device, for queued `requests` in order, while more than
         `keep_free` pages are free: the pages each will look up that the host tier holds are loaded into
         fresh pages and join the prefix cache there, unreferenced, so admission finds them in the pool. They
-        stay allocatable; allocation evicts them after the pages no queued request wants. Returns the loads
+        stay allocatable; allocation evicts them after the pages no queued request wants, and a request whose
+        loaded pages were evicted before its admission gets no second load (the pool is too tight to hold them
+        ahead, and loading them every step would only repeat the copy). Returns the loads
         as (page, K/V), for the engine to run before the step."""
         loads = []
         for request in requests:
@@ -153,12 +155,16 @@ class KVCacheManager:
                 break
             keys = request.wanted_keys
             start = self.pool.num_cached_leading(keys)
+            if start < request.num_prefetched_keys:
+                continue  # pages loaded ahead for it were evicted again: the pool is too tight to keep them
             found = self.store.lookup(keys[start:], limit=spare, disk=False) if start < len(keys) else []
             pages = self.pool.allocate(len(found))
             for page, key, (_, kv) in zip(pages, keys[start:], found, strict=False):  # keys may be more
                 self.pool.cache(page, key)
                 loads.append((page, kv))
             self.pool.free(pages[::-1])  # the prefix's head is evicted last
+            if pages:
+                request.num_prefetched_keys = start + len(pages)
             self.num_prefetched_pages += len(pages)
         return loads
 

@@ -89,6 +89,7 @@ class Request:
         # Pages found in the tiers at this admission attempt, (page, key, tier, K/V): loaded before the step.
         self.loads: list[tuple] = []
         self.wanted_keys: list[PageKey] = []  # keys the tiers' look-ahead keeps for this queued request
+        self.num_prefetched_keys = 0  # of those, how many the look-ahead has had in the pool (loaded ahead)
         self.kv_shift = kv_shift
         self.source_keys: list[PageKey] | None = None  # kv_shift's source pages' keys, once looked up
         # At an admission attempt with kv_shift: the source pages held (until the moves are dispatched), and

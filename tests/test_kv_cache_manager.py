@@ -85,3 +85,17 @@ def test_the_look_ahead_loads_a_queued_requests_history_from_host_memory_into_th
     assert kv.pool.num_free_pages == 15  # the loaded pages are cached but free
     assert kv.prefetch([request], keep_free=0) == []  # nothing left to load
     assert kv.take_prefix(request) and request.loads == [] and request.num_computed_tokens == 12
+
+
+def test_pages_loaded_ahead_and_evicted_before_admission_are_not_loaded_again():
+    kv = KVCacheManager(PagePool(8, enable_prefix_caching=True), page_size=PAGE, store=KVStore(8))
+    request = _request("q", range(13))
+    for i, key in enumerate(page_hashes(list(range(13)), PAGE)):
+        kv.store.save(key, f"kv{i}")
+    kv.name_prompt_pages(request)
+    assert len(kv.prefetch([request], keep_free=0)) == 3
+    running = _request("r", range(100, 128))
+    assert kv.allocate(running, 28, [])  # takes all 7 pages: the loaded ones are evicted too
+    kv.free(running)
+    assert kv.prefetch([request], keep_free=0) == []  # the pool cannot hold them ahead: admission loads them
+    assert kv.take_prefix(request) and len(request.loads) == 3
