@@ -149,8 +149,10 @@ class KVCacheManager:
         ahead, and loading them every step would only repeat the copy). Returns the loads
         as (page, K/V), for the engine to run before the step."""
         loads = []
+        # Counted once: the pages loaded stay free, so the free count does not fall as they are taken, and
+        # a later request of the window would take (and overwrite) the pages just loaded for an earlier one.
+        spare = self.pool.num_free_pages - keep_free
         for request in requests:
-            spare = self.pool.num_free_pages - keep_free
             if spare <= 0:
                 break
             keys = request.wanted_keys
@@ -163,6 +165,7 @@ class KVCacheManager:
                 self.pool.cache(page, key)
                 loads.append((page, kv))
             self.pool.free(pages[::-1])  # the prefix's head is evicted last
+            spare -= len(pages)
             if pages:
                 request.num_prefetched_keys = start + len(pages)
             self.num_prefetched_pages += len(pages)

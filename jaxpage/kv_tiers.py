@@ -286,8 +286,8 @@ class KVStore:
     pool misses.
 
     Look-ahead (the AttentionStore paper's scheduler-aware prefetch and eviction), with `lookahead`: the pages
-    that queued requests will look up are `want`ed. Those on disk are read into the host tier by a background
-    thread while the requests wait (they join the host tier at the next `settle` or `lookup`), and each tier
+    that queued requests will look up are `want`ed. Those on disk are read into the host tier by the reading
+    threads while the requests wait (they join the host tier at the next `settle` or `lookup`), and each tier
     (the device pool too, see `PagePool.wanted`) evicts the least recently used page that no queued request
     wants.
     """
@@ -302,9 +302,13 @@ class KVStore:
         self.wanted: collections.Counter[bytes] = collections.Counter()
         if disk is not None and lookahead:
             disk.wanted = self.wanted
-        # Disk reads run on a pool of threads (file reads, checksums and copies into pinned memory all let go
-        # of the GIL). A read in flight is shared: a lookup of a page being read ahead waits for that read.
-        self._readers = None if disk is None else concurrent.futures.ThreadPoolExecutor(8, "kv-disk-read")
+        # Disk reads run on pools of threads (file reads, checksums and copies into pinned memory all let go
+        # of the GIL): one reads ahead, one serves lookups, so a lookup never queues behind the read-ahead of
+        # every queued request. A read ahead already under way is shared: a lookup of that page waits for it;
+        # one still queued is cancelled and read on the lookup's pool.
+        threads = concurrent.futures.ThreadPoolExecutor
+        self._readers = None if disk is None else threads(8, "kv-disk-read-ahead")
+        self._lookup_readers = None if disk is None else threads(8, "kv-disk-read")
         self._reading: dict[bytes, tuple[PageKey, concurrent.futures.Future]] = {}  # read ahead, in flight
         self._read: queue.SimpleQueue = queue.SimpleQueue()  # read-ahead futures done, to collect
         self.num_prefetched = 0  # pages read from disk ahead of their request's admission
@@ -348,6 +352,7 @@ class KVStore:
     def discard(self, keys: list[PageKey]) -> None:
         """Forgets these pages in every tier (their K/V may be garbage)."""
         for key in keys:
+            self._reading.pop(key.digest, None)  # a read ahead under way must not bring it back
             if self._host.pop(key.digest, None) is None and self.disk is not None:
                 self.disk.discard(key.digest)
 
@@ -359,6 +364,7 @@ class KVStore:
         """Stops the disk reads and closes the disk tier (after its queued writes)."""
         if self.disk is not None:
             self._readers.shutdown(cancel_futures=True)
+            self._lookup_readers.shutdown(cancel_futures=True)
             self.disk.close()
 
     # ---- look-ahead ----------------------------------------------------------------------------------------
@@ -411,7 +417,9 @@ class KVStore:
     def _read_future(self, key: PageKey) -> concurrent.futures.Future:
         """The page's read ahead, if under way (the lookup takes it over), else a new read."""
         entry = self._reading.pop(key.digest, None)
-        return self._readers.submit(self._read_page, key) if entry is None else entry[1]
+        if entry is not None and not entry[1].cancel():  # running or done: cancel() refuses
+            return entry[1]
+        return self._lookup_readers.submit(self._read_page, key)
 
     def _only_on_disk(self, key: PageKey) -> bool:
         return key.digest not in self._host and key.digest in self.disk

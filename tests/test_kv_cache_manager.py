@@ -99,3 +99,19 @@ def test_pages_loaded_ahead_and_evicted_before_admission_are_not_loaded_again():
     kv.free(running)
     assert kv.prefetch([request], keep_free=0) == []  # the pool cannot hold them ahead: admission loads them
     assert kv.take_prefix(request) and len(request.loads) == 3
+
+
+def test_the_look_ahead_of_several_requests_gives_each_page_one_load_within_the_bound():
+    """The pages loaded for one queued request stay free: the next one must not take (and overwrite) them,
+    nor may all of them together leave fewer than `keep_free` pages that hold nothing wanted."""
+    kv = KVCacheManager(PagePool(21, enable_prefix_caching=True), page_size=PAGE, store=KVStore(64))
+    requests = [_request(name, range(start, start + 61)) for name, start in (("a", 0), ("b", 1000))]
+    for request in requests:  # 15 full pages each before the last token
+        for i, key in enumerate(page_hashes(list(request.prompt_token_ids), PAGE)):
+            kv.store.save(key, (request.request_id, i))
+        kv.name_prompt_pages(request)
+    loads = kv.prefetch(requests, keep_free=5)
+    pages = [page for page, _ in loads]
+    assert len(pages) == len(set(pages)) == 15  # 20 free, 5 kept
+    assert [data for _, data in loads] == [("a", i) for i in range(15)]
+    assert kv.pool.num_cached_leading(requests[0].wanted_keys) == 15

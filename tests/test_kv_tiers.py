@@ -3,7 +3,9 @@ and multi-turn conversations whose history comes back from host memory or disk w
 as a recompute."""
 
 import collections
+import concurrent.futures
 import os
+import threading
 import time
 
 import jax.numpy as jnp
@@ -154,6 +156,40 @@ def test_a_lookup_shares_the_disk_reads_the_look_ahead_has_under_way(tmp_path, m
     found = store.lookup(KEYS[:4], limit=4)  # while the look-ahead still reads them
     assert [kv.tolist() for _, kv in found] == [page(i).tolist() for i in range(4)]
     assert reads == {KEYS[i].token_ids: 1 for i in range(4)}  # each file read once
+    store.close()
+
+
+def test_a_lookup_does_not_queue_behind_the_read_ahead(tmp_path, monkeypatch):
+    store = KVStore(1, DiskTier(str(tmp_path), 16, FINGERPRINT))
+    for i, key in enumerate(KEYS[:10]):
+        store.save(key, page(i))
+    store.disk.flush()  # pages 0-8 are files now
+    threads, read = {}, store.disk._read
+
+    def slow_read(key):
+        threads[key.token_ids] = threading.current_thread().name
+        time.sleep(0.2)
+        return read(key)
+
+    monkeypatch.setattr(store.disk, "_read", slow_read)
+    store.want(KEYS[:9])  # 9 reads ahead on 8 threads: page 8's waits for a thread
+    found = store.lookup(KEYS[8:9], limit=1)
+    assert [kv.tolist() for _, kv in found] == [page(8).tolist()]
+    assert threads[KEYS[8].token_ids].startswith("kv-disk-read_")  # the lookup's own pool, not the queue
+    assert all(threads[KEYS[i].token_ids].startswith("kv-disk-read-ahead") for i in range(8))
+    store.close()
+
+
+def test_a_page_discarded_while_read_ahead_does_not_come_back(tmp_path):
+    store = KVStore(1, DiskTier(str(tmp_path), 16, FINGERPRINT))
+    for i, key in enumerate(KEYS[:3]):
+        store.save(key, page(i))
+    store.disk.flush()  # pages 0 and 1 are files now
+    store.want(KEYS[:1])  # the look-ahead reads page 0 into memory
+    concurrent.futures.wait([store._reading[KEYS[0].digest][1]], timeout=10)
+    store.discard(KEYS[:1])  # its K/V turns out to be garbage (the request that wrote it failed)
+    store.settle()  # the finished read must not put the page back in host memory
+    assert store.lookup(KEYS[:1], limit=1) == []
     store.close()
 
 
