@@ -111,6 +111,11 @@ class EngineConfig:
     # warning) or "error" (raise RuntimeError rather than stall serving on a compile; for benchmarks and
     # deployments that must never compile mid-run).
     compile_after_warmup: str = "warn"
+    # Devices one engine splits the model over (tensor parallelism; models.sharding), and engines that
+    # `LLM` and scripts/generate.py run side by side on disjoint device groups, each on its share of the
+    # prompts (data parallelism). Together they use tensor_parallel_size * data_parallel_size devices.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self):
         if self.model is not None and not (isinstance(self.model, str) and self.model):
@@ -119,7 +124,8 @@ class EngineConfig:
             )
         if self.dtype not in _DTYPES:
             raise ValueError(f"engine config field dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+        positive = ("page_size", "max_num_seqs", "max_num_batched_tokens")
+        for name in positive + ("tensor_parallel_size", "data_parallel_size"):
             _check_positive_int(name, getattr(self, name))
         if self.num_pages is not None and not (_is_int(self.num_pages) and self.num_pages >= 2):
             # Page 0 is the null page, so a pool needs at least one more to hold anything.

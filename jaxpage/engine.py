@@ -10,11 +10,13 @@ Threads: `add_request` and `abort` may be called from any thread while one threa
 `stream`); they wait for a step in progress to end. Steps from several threads run one at a time.
 """
 
+import atexit
 import dataclasses
 import functools
 import itertools
 import logging
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,7 @@ from jaxpage.sampling import MAX_TOP_K
 from jaxpage.sampling_params import SamplingParams, sample_seed
 from jaxpage.scheduler import Scheduler, SchedulerOutput
 from jaxpage.tokenizer import Tokenizer, check_text
+from models import sharding
 from models.config import ModelConfig
 from models.default_model import default_model_path
 from models.layers import rope_inv_freq
@@ -60,14 +63,42 @@ from models.loaders import load_model
 logger = logging.getLogger(__name__)
 
 
-def _random_params(model_config: ModelConfig, seed: int, scale: float) -> dict:
-    import jax  # only random weights need a key; loaded checkpoints arrive as numpy
-
+def _random_params(model_config: ModelConfig, seed: int, scale: float, mesh: jax.sharding.Mesh) -> dict:
     if not (isinstance(scale, int | float) and scale > 0):
         raise ValueError(f"random_weight_scale must be a positive number, got {scale!r}")
-    params = init_params(model_config, jax.random.key(seed))
-    # Norm weights (1-D, all ones) keep their value; matrices are scaled.
-    return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+    params = init_params(model_config, jax.random.key(seed), mesh)
+    if scale == 1:
+        return params
+    # Norm weights (1-D, all ones) keep their value; matrices are scaled in place (donated), so a model as
+    # large as its devices' memory is never held twice (a 70B model split over two GPUs would be).
+    scaled = jax.jit(lambda x: x * scale, donate_argnums=0)
+    return jax.tree.map(lambda x: scaled(x) if x.ndim >= 2 else x, params)
+
+
+def _read_in_flight_step(engine_ref: "weakref.ref[LLMEngine]") -> None:
+    """At interpreter exit: waits for an overlapped step nobody read (its requests were aborted, or the caller
+    stopped stepping), since tearing the runtime down under its copies to the host aborts the process."""
+    engine = engine_ref()
+    if engine is not None and engine._in_flight is not None:
+        jax.device_get(engine._in_flight.step)
+
+
+def _engine_devices(tensor_parallel_size: int, devices: list | None) -> list:
+    """The devices of one engine's mesh: `devices` (exactly tensor_parallel_size of them), else this
+    process's first tensor_parallel_size devices."""
+    if devices is None:
+        local = jax.local_devices()
+        if len(local) < tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} needs that many devices; this process has "
+                f"{len(local)} ({local[0].platform})"
+            )
+        return local[:tensor_parallel_size]
+    if len(devices) != tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} does not match the {len(devices)} devices given"
+        )
+    return list(devices)
 
 
 class LLMEngine:
@@ -79,9 +110,16 @@ class LLMEngine:
         *,
         random_model: ModelConfig | None = None,
         random_weight_scale: float = 1.0,
+        devices: list[jax.Device] | None = None,
+        request_numbers: Iterator[int] | None = None,
     ):
         """Loads `config.model` (the embedded SmolLM2 when None), or builds random weights of `random_model`'s
         shape (tests and speed runs); the tokenizer always comes from `config.model`.
+
+        devices: the `tensor_parallel_size` devices the model is split over (default: this process's first
+        ones); data-parallel replicas each get their own. request_numbers: where fresh request ids
+        ("request-{n}") take their numbers (default: a count of this engine's own); replicas share one, so no
+        two of their requests have the same id.
 
         random_weight_scale multiplies the random weight matrices (std 0.02 from `init_params`). At 0.02 a
         tiny model mostly echoes its last token; around 0.2 its output depends on the whole context, which is
@@ -94,11 +132,14 @@ class LLMEngine:
         self.tokenizer = (
             Tokenizer.from_hf_dir(model_path) if model_path.is_dir() else Tokenizer.from_gguf(model_path)
         )
+        mesh = sharding.make_mesh(_engine_devices(config.tensor_parallel_size, devices))
         if random_model is None:
             model_config, params = load_model(model_path, config.dtype, cache_dir=config.checkpoint_cache_dir)
+            sharding.check_tensor_parallel(model_config, config.tensor_parallel_size)
         else:
             model_config = dataclasses.replace(random_model, dtype=config.dtype)
-            params = _random_params(model_config, config.seed, random_weight_scale)
+            sharding.check_tensor_parallel(model_config, config.tensor_parallel_size)
+            params = _random_params(model_config, config.seed, random_weight_scale, mesh)
         if self.tokenizer.vocab_size > model_config.vocab_size:
             # Larger ids would index past the embedding table, which a gather clamps silently.
             raise ValueError(
@@ -118,7 +159,7 @@ class LLMEngine:
         self.store = _kv_store(
             config, model_config, bytes_per_page, lambda: random_id or _checkpoint_identity(model_path)
         )
-        self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size)
+        self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size, mesh=mesh)
         if self.store is not None:
             self.store.stage = functools.partial(
                 jax.device_put, device=page_copy.host_memory(self.runner.kv_pool)
@@ -149,7 +190,8 @@ class LLMEngine:
         self._beams: dict[str, BeamGroup] = {}  # beam-search requests, by request id
         self._beam_of: dict[str, BeamGroup] = {}  # by the request id of a live beam
         self._swapped: dict[str, np.ndarray] = {}  # host copies of swapped-out pages, by sample request id
-        self._ids = itertools.count()  # user-facing ids of requests added without one
+        # Numbers of the user-facing ids of requests added without one.
+        self._ids = request_numbers if request_numbers is not None else itertools.count()
         # Scheduler-side names: every request runs as "{serial}" (its samples "{serial}#i", its beams
         # "{serial}#beamk"), so no id a caller chooses can collide with another request's internal ones.
         self._serials = itertools.count()
@@ -162,6 +204,7 @@ class LLMEngine:
         self._ready: list[RequestOutput] = []
         self._pending_groups: dict[str, SampleGroup] = {}
         self._lock = threading.RLock()  # add_request / abort from other threads while one thread steps
+        atexit.register(_read_in_flight_step, weakref.ref(self))
 
     # ---- requests ------------------------------------------------------------------------------------------
 
@@ -526,6 +569,12 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 finished += self._finish_step(launched, outputs)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests:
+            # Its requests all stopped on the step before (EOS, a stop string): no step follows to read it,
+            # and a caller that stops stepping now and exits would tear the runtime down under a copy still
+            # in flight, which aborts the process.
+            finished += self._finish_step(self._in_flight, outputs)
+            self._in_flight = None
         return ready + self._group_outputs(outputs) + finished
 
     def _launch(self, scheduled: SchedulerOutput, previous: "_Launched | None") -> "_Launched":

@@ -79,10 +79,13 @@ def pool_pages(
     return num_pages
 
 
-def allocate_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, bytes_per_page: int) -> llama.KVPool:
-    """`llama.init_kv_pool`, with running out of device memory reported as a ValueError naming num_pages."""
+def allocate_kv_pool(
+    cfg: ModelConfig, num_pages: int, page_size: int, bytes_per_page: int, mesh: jax.sharding.Mesh
+) -> llama.KVPool:
+    """`llama.init_kv_pool` on the mesh, with running out of device memory reported as a ValueError naming
+    num_pages (bytes_per_page: one device's share)."""
     try:
-        return llama.init_kv_pool(cfg, num_pages, page_size)
+        return llama.init_kv_pool(cfg, num_pages, page_size, mesh=mesh)
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

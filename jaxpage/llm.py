@@ -6,12 +6,15 @@ whichever call's step produced them.
 """
 
 import collections
+import concurrent.futures
 import dataclasses
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from jaxpage import distributed
 from jaxpage.config import EngineConfig
 from jaxpage.conversation import Conversation
 from jaxpage.engine import LLMEngine, RequestOutput
@@ -45,6 +48,20 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts)
 
 
+def _params_list(sampling_params, num_prompts: int) -> list:
+    """One entry per prompt: `sampling_params` repeated, or the list given (checked for its length)."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    if isinstance(sampling_params, list | tuple):
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts")
+        return list(sampling_params)
+    raise ValueError(
+        "sampling_params must be a SamplingParams, a list of them (one per prompt) or None, got "
+        f"{type(sampling_params).__name__} {sampling_params!r:.200}"
+    )
+
+
 def _is_conversation(prompt) -> bool:
     return isinstance(prompt, list | tuple) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
@@ -55,6 +72,11 @@ class LLM:
     Build it from an `EngineConfig`, from its fields as keywords (`LLM(num_pages=256)`), or from gin files
     with `LLM.from_gin`. `random_model` gives random weights of that shape instead of loading `config.model`
     (see `LLMEngine`).
+
+    With `data_parallel_size` > 1 it runs that many engines (in a multi-process run, this process's share of
+    them; see jaxpage.distributed), each on its own `tensor_parallel_size` devices: `generate` splits its
+    prompts into contiguous shares, one per engine, run side by side, and returns the outputs in the prompts'
+    order. Streams and conversations run on the first engine (`engine`).
     """
 
     def __init__(
@@ -67,11 +89,28 @@ class LLM:
     ):
         if config is not None and kwargs:
             raise ValueError(f"give either config or its fields as keywords, not both: {sorted(kwargs)}")
-        self.engine = LLMEngine(
-            config if config is not None else EngineConfig(**kwargs),
-            random_model=random_model,
-            random_weight_scale=random_weight_scale,
-        )
+        config = config if config is not None else EngineConfig(**kwargs)
+        numbers = itertools.count()  # one count of request ids for all replicas
+        engines = [
+            LLMEngine(
+                config, random_model=random_model, random_weight_scale=random_weight_scale, devices=group,
+                request_numbers=numbers,
+            )
+            for group in distributed.replica_devices(config)
+        ]  # fmt: skip
+        self._serve(engines[0])
+        # The data-parallel engines, each behind an LLM of its own; none when there is one.
+        self.replicas = [LLM._around(engine) for engine in engines] if len(engines) > 1 else []
+
+    @classmethod
+    def _around(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._serve(engine)
+        llm.replicas = []
+        return llm
+
+    def _serve(self, engine: LLMEngine) -> None:
+        self.engine = engine
         # Outputs not yet taken by the call that added their request, by request id.
         self._mailboxes: dict[str, collections.deque[RequestOutput]] = {}
         self._lock = threading.Lock()  # guards the mailboxes; the engine has its own lock
@@ -110,12 +149,57 @@ class LLM:
         Raises:
           ValueError naming the prompt's index and the field, before anything runs, if a prompt is unusable.
         """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _params_list(sampling_params, len(prompt_list))
+        if self.replicas:
+            return self._generate_data_parallel(
+                prompt_list, params_list, cache_salt=cache_salt, kv_shift=kv_shift
+            )
         # Only the final outputs are read: the engine then builds no per-step outputs (see output_kind).
         request_ids = self._add(
-            prompts, sampling_params, output_kind="final_only", cache_salt=cache_salt, kv_shift=kv_shift
+            prompt_list, params_list, output_kind="final_only", cache_salt=cache_salt, kv_shift=kv_shift
         )
-        finals = {output.request_id: output for output in self._run(request_ids) if output.finished}
+        return self._finals(request_ids)
+
+    def _finals(self, request_ids: list[str], stop: threading.Event | None = None) -> list[RequestOutput]:
+        """Steps until the requests finish; their final outputs, in order. `stop`, once set, ends the wait
+        after the current step and aborts what is unfinished (KeyboardInterrupt in another thread)."""
+        finals, outputs = {}, self._run(request_ids)
+        try:
+            for output in outputs:
+                if output.finished:
+                    finals[output.request_id] = output
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+        finally:
+            outputs.close()  # aborts the unfinished ones
         return [finals[request_id] for request_id in request_ids]
+
+    def _generate_data_parallel(self, prompts: list, params: list, **options) -> list[RequestOutput]:
+        """`generate` over the replicas: contiguous shares of the prompts, queued on every replica first (a
+        bad prompt fails the call before anything runs), then run side by side, one thread per replica."""
+        queued = []
+        try:
+            for index, replica in enumerate(self.replicas):
+                share = distributed.share(len(prompts), index, len(self.replicas))
+                if share:
+                    request_ids = replica._add(
+                        prompts[share.start : share.stop], params[share.start : share.stop],
+                        output_kind="final_only", first_index=share.start, **options,
+                    )  # fmt: skip
+                    queued.append((replica, request_ids))
+        except BaseException:
+            for replica, request_ids in queued:
+                replica._drop(request_ids)
+            raise
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(len(queued)) as pool:
+            futures = [pool.submit(replica._finals, ids, stop) for replica, ids in queued]
+            try:
+                return [output for future in futures for output in future.result()]
+            except BaseException:
+                stop.set()  # the other replicas stop after their current step
+                raise
 
     def conversation(
         self, system: str | None = None, *, drop_oldest_turns: bool = False, shift_kv: bool = False
@@ -192,23 +276,13 @@ class LLM:
                 mailbox.clear()
             return taken
 
-    def _add(self, prompts, sampling_params, output_kind: str | None = None, **options) -> list[str]:
+    def _add(
+        self, prompts, sampling_params, output_kind: str | None = None, first_index: int = 0, **options
+    ) -> list[str]:
         """Queues the prompts; output_kind, when given, replaces that of every prompt's parameters; options
-        go to every `add_request`."""
+        go to every `add_request`. Errors name a prompt by its index plus `first_index`."""
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompt_list)
-        elif isinstance(sampling_params, list | tuple):
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(
-                    f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts"
-                )
-        else:
-            raise ValueError(
-                "sampling_params must be a SamplingParams, a list of them (one per prompt) or None, got "
-                f"{type(sampling_params).__name__} {sampling_params!r:.200}"
-            )
+        params_list = _params_list(sampling_params, len(prompt_list))
         if output_kind is not None:
             params_list = [
                 dataclasses.replace(p or SamplingParams(), output_kind=output_kind)
@@ -227,7 +301,7 @@ class LLM:
                     else:
                         request_id = self.engine.add_request(prompt, params, **options)
                 except ValueError as error:
-                    raise ValueError(f"prompt {index}: {error}") from error
+                    raise ValueError(f"prompt {first_index + index}: {error}") from error
                 with self._lock:
                     self._mailboxes[request_id] = collections.deque()
                 request_ids.append(request_id)

@@ -9,10 +9,12 @@ The pool is donated, so XLA updates it in place. Page lists are padded to a powe
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.layers import apply_rope
 
@@ -82,39 +84,53 @@ def gather_pages(kv_pool: KVPool, page_ids: list[int]) -> np.ndarray:
     return np.asarray(jax.device_get(_gather(kv_pool, _padded(page_ids))))[:, :, :, : len(page_ids)]
 
 
-def _memories(kv_pool: KVPool) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
-    """The pool device's memory, and its pinned host memory: what the device copies to and from by DMA,
-    without the host staging the bytes."""
-    (device,) = kv_pool[0][0].devices()
-    return tuple(jax.sharding.SingleDeviceSharding(device, memory_kind=k) for k in ("device", "pinned_host"))
+class _Memories(NamedTuple):
+    """Where the tier moves' arguments live: the pool in device memory, the page ids on every device of the
+    pool's mesh, and a page (f[num_layers, 2, num_kv_heads, page_size, head_dim], split over KV heads as the
+    pool is) in the devices' pinned host memory, which the devices copy to and from by DMA without the host
+    staging the bytes."""
+
+    pool: jax.sharding.Sharding
+    page_ids: jax.sharding.Sharding
+    host_page: jax.sharding.Sharding
+
+
+def _memories(kv_pool: KVPool) -> _Memories:
+    pool = kv_pool[0][0].sharding
+    if not isinstance(pool, NamedSharding):  # a pool on one device, made outside a mesh
+        (device,) = kv_pool[0][0].devices()
+        pool = NamedSharding(Mesh(np.asarray([device]), ("tp",)), PartitionSpec())
+    heads = pool.spec[0] if pool.spec else None
+    return _Memories(
+        pool.with_memory_kind("device"),
+        NamedSharding(pool.mesh, PartitionSpec()),
+        NamedSharding(pool.mesh, PartitionSpec(None, None, heads), memory_kind="pinned_host"),
+    )
 
 
 # The tier moves name every argument's memory: the pool as a step leaves it and as warm-up has it must hit the
 # same compiled program.
 @functools.lru_cache
-def _gather_to_host(num_layers: int, num_pages: int, memories: tuple):
-    device, host = memories
-
+def _gather_to_host(num_layers: int, num_pages: int, memories: _Memories):
     def gather(kv_pool: KVPool, page_ids: jax.Array) -> tuple[jax.Array, ...]:  # page_ids: i32[num_pages]
         data = _gather(kv_pool, page_ids)  # [num_layers, 2, num_kv_heads, num_pages, page_size, head_dim]
         return tuple(data[:, :, :, i] for i in range(num_pages))
 
-    pool = ((device, device),) * num_layers
-    return jax.jit(gather, in_shardings=(pool, device), out_shardings=(host,) * num_pages)
+    pool = ((memories.pool, memories.pool),) * num_layers
+    return jax.jit(
+        gather, in_shardings=(pool, memories.page_ids), out_shardings=(memories.host_page,) * num_pages
+    )
 
 
 @functools.lru_cache
-def _scatter_from_host(num_layers: int, num_pages: int, memories: tuple):
-    device, host = memories
-
+def _scatter_from_host(num_layers: int, num_pages: int, memories: _Memories):
     def scatter(kv_pool: KVPool, page_ids: jax.Array, pages: tuple[jax.Array, ...]) -> KVPool:
         data = jnp.stack([jax.device_put(page, jax.memory.Space.Device) for page in pages], axis=3)
         return _scatter(kv_pool, page_ids, data)  # inlined into this program
 
-    pool = ((device, device),) * num_layers
-    return jax.jit(
-        scatter, in_shardings=(pool, device, (host,) * num_pages), out_shardings=pool, donate_argnums=0
-    )
+    pool = ((memories.pool, memories.pool),) * num_layers
+    in_shardings = (pool, memories.page_ids, (memories.host_page,) * num_pages)
+    return jax.jit(scatter, in_shardings=in_shardings, out_shardings=pool, donate_argnums=0)
 
 
 def gather_pages_to_host(kv_pool: KVPool, page_ids: list[int], max_piece: int) -> list[jax.Array]:
@@ -131,7 +147,7 @@ def gather_pages_to_host(kv_pool: KVPool, page_ids: list[int], max_piece: int) -
 
 def host_memory(kv_pool: KVPool) -> jax.sharding.Sharding:
     """Where a page read from disk (numpy) is best put ahead of its load: `jax.device_put(page, it)`."""
-    return _memories(kv_pool)[1]
+    return _memories(kv_pool).host_page
 
 
 def reserve_host_memory(kv_pool: KVPool, num_pages: int) -> None:
@@ -143,7 +159,12 @@ def reserve_host_memory(kv_pool: KVPool, num_pages: int) -> None:
     # so that the device never needs more than one block's worth if it builds them there.
     block = min(num_pages, 256)
     shape = (block, len(kv_pool), 2, k.shape[0], k.shape[2], k.shape[3])
-    make = jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=_memories(kv_pool)[1])
+    where = _memories(kv_pool).host_page
+    if isinstance(where, jax.sharding.NamedSharding):  # a block of pages: one more leading axis
+        where = jax.sharding.NamedSharding(
+            where.mesh, PartitionSpec(None, *where.spec), memory_kind="pinned_host"
+        )
+    make = jax.jit(lambda: jnp.zeros(shape, k.dtype), out_shardings=where)
     blocks = [make() for _ in range(-(-num_pages // block))]
     jax.block_until_ready(blocks)
 
@@ -155,7 +176,7 @@ def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, m
     not wait for them."""
     assert page_ids and 0 not in page_ids and len(pages) == len(page_ids), (page_ids, len(pages))
     memories = _memories(kv_pool)
-    pages = [p if isinstance(p, jax.Array) else jax.device_put(p, memories[1]) for p in pages]
+    pages = [p if isinstance(p, jax.Array) else jax.device_put(p, memories.host_page) for p in pages]
     for start, size in _pieces(len(page_ids), max_piece):
         piece = np.asarray(page_ids[start : start + size], np.int32)
         scatter = _scatter_from_host(len(kv_pool), size, memories)
@@ -218,7 +239,8 @@ def warmup(
     for null in null_pages(max_copies):
         kv_pool = _copy(kv_pool, null, null)
     for null in null_pages(max_swap_pages):
-        kv_pool = _scatter(kv_pool, null, _gather(kv_pool, null))
+        # Swapped-out pages come back from numpy (host swap space), as `scatter_pages` gets them.
+        kv_pool = _scatter(kv_pool, null, np.asarray(_gather(kv_pool, null)))
     for null in null_pages(max_tier_pages):
         memories = _memories(kv_pool)
         pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
@@ -226,7 +248,7 @@ def warmup(
         kv_pool = scatter(kv_pool, null, pages)
         # Pages read from disk arrive put into pinned memory from numpy; on a GPU their layout may differ
         # from the gather's outputs, which is another program.
-        from_disk = tuple(jax.device_put(np.asarray(page), memories[1]) for page in pages)
+        from_disk = tuple(jax.device_put(np.asarray(page), memories.host_page) for page in pages)
         kv_pool = scatter(kv_pool, null, from_disk)
     if inv_freq is not None:
         kv_pool = shift_tokens(kv_pool, np.zeros((5, 1), np.int32), inv_freq)

@@ -37,7 +37,7 @@ from jaxpage.sampling import (
     prompt_logprobs,
     sample,
 )
-from models import llama
+from models import llama, sharding
 from models.attention import AttentionMetadata
 from models.config import ModelConfig
 
@@ -63,22 +63,27 @@ def resolve_attention_backend(name: str) -> str:
     return name
 
 
-def kv_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
-    """Bytes one page takes across all layers, K and V."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, tensor_parallel_size: int = 1) -> int:
+    """Bytes one page takes across all layers, K and V, on each device of a tensor-parallel mesh of that
+    size (the whole page at 1)."""
+    heads = sharding.kv_heads_per_device(cfg, tensor_parallel_size)
+    return 2 * cfg.num_layers * heads * page_size * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
-def kv_pool_pages(cfg: ModelConfig, engine_config: EngineConfig, max_model_len: int) -> int:
-    """Pages of the KV pool on the default device, page 0 included (see `kv_memory.pool_pages`)."""
-    device = jax.devices()[0]
-    bytes_per_page = kv_bytes_per_page(cfg, engine_config.page_size)
-    return pool_pages(
-        engine_config, max_model_len, bytes_per_page, free_device_bytes(device), device.platform == "cpu"
-    )
+def kv_pool_pages(cfg: ModelConfig, engine_config: EngineConfig, max_model_len: int, mesh=None) -> int:
+    """Pages of the KV pool on the mesh's devices (None: the default device), page 0 included (see
+    `kv_memory.pool_pages`): what the device with the least free memory holds."""
+    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    bytes_per_page = kv_bytes_per_page(cfg, engine_config.page_size, len(devices))
+    free = [free_device_bytes(device) for device in devices]
+    free_bytes = None if None in free else min(free)
+    return pool_pages(engine_config, max_model_len, bytes_per_page, free_bytes, devices[0].platform == "cpu")
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
 
 
 def _forward_arrays(inputs: StepInputs) -> dict[str, np.ndarray]:
@@ -139,10 +144,14 @@ class Runner:
         params: dict,
         engine_config: EngineConfig,
         num_token_ids: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         """num_token_ids: ids at and above it (rows that pad the embedding table past the tokenizer's
         vocabulary) get logit -inf in every forward kind, so they are never sampled, reported as an
-        alternative, or counted in a logprob's normaliser. None: every id of the model is a token."""
+        alternative, or counted in a logprob's normaliser. None: every id of the model is a token.
+
+        mesh: the devices the model is split over (tensor parallelism, models.sharding); None: the first
+        `tensor_parallel_size` devices. `params` may be numpy (each device then receives only its shards)."""
         if engine_config.compilation_cache_dir is not None:
             enable_compilation_cache(engine_config.compilation_cache_dir)
         self.model_config = model_config
@@ -159,16 +168,24 @@ class Runner:
             engine_config.page_buckets,
             row_sized_decode=self.uses_decode_kernel,
         )
-        self.params = jax.device_put(params)
-        self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len)
-        self.kv_pool = allocate_kv_pool(
-            model_config, self.num_pages, self.page_size, kv_bytes_per_page(model_config, self.page_size)
+        if mesh is None:
+            mesh = sharding.make_mesh(jax.local_devices()[: engine_config.tensor_parallel_size])
+        self.mesh = mesh
+        # Step inputs, sampling state and the sampled tokens are the same on every device.
+        self._replicated = sharding.replicated(mesh)
+        # Logits stay split over the vocabulary: the greedy sampler reduces each device's share.
+        self._logits_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, sharding.AXIS if mesh.size > 1 else None)
         )
-        self._base_key = jax.random.key(engine_config.seed)
+        self.params = jax.device_put(params, sharding.param_shardings(model_config, mesh, params))
+        self.num_pages = kv_pool_pages(model_config, engine_config, max_model_len, mesh)
+        bytes_per_page = kv_bytes_per_page(model_config, self.page_size, mesh.size)
+        self.kv_pool = allocate_kv_pool(model_config, self.num_pages, self.page_size, bytes_per_page, mesh)
+        self._base_key = jax.device_put(jax.random.key(engine_config.seed), self._replicated)
         # The last step's sampled token of each row, kept on the device: a step launched before the host has
         # read them takes its pending tokens from here (`StepInputs.source_rows`).
         self.max_rows = self.grid.seq_buckets[-1]
-        self._last_tokens = jnp.zeros(self.max_rows, jnp.int32)
+        self._last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
         vocab_size = model_config.vocab_size
         self.num_token_ids = vocab_size if num_token_ids is None else num_token_ids
         assert 0 < self.num_token_ids <= vocab_size, (self.num_token_ids, vocab_size)
@@ -207,11 +224,13 @@ class Runner:
         token_ids = jnp.where(source >= 0, last_tokens[jnp.maximum(source, 0)], step["token_ids"])
         logits, kv_pool = llama.forward(
             params, self.model_config, token_ids, step["positions"], kv_pool, metadata,
-            logits_indices, attention=self.attention_backend, decode_only=decode_only,
+            logits_indices, attention=self.attention_backend, decode_only=decode_only, mesh=self.mesh,
         )  # fmt: skip
         if self.num_token_ids < logits.shape[-1]:
             is_token = jnp.arange(logits.shape[-1]) < self.num_token_ids
             logits = jnp.where(is_token, logits, -jnp.inf)
+        if self.mesh.size > 1:
+            logits = jax.lax.with_sharding_constraint(logits, self._logits_sharding)
         return logits, kv_pool
 
     def _forward_all_logits(self, params, kv_pool, step: dict, last_tokens, targets):  # targets: i32[T]
@@ -225,24 +244,28 @@ class Runner:
 
     def _compile_forward(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
-        args = [_abstract(self.params), _abstract(self.kv_pool), _abstract(_forward_arrays(inputs))]
-        args.append(_abstract(self._last_tokens))
+        args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
         if kind == _ALL_LOGITS:
-            args.append(_abstract(inputs.prompt_logprob_targets))
-        return self._forward_jits[kind].lower(*args).compile()
+            args.append(self._on_devices(inputs.prompt_logprob_targets))
+        return self._forward_jits[kind].lower(*map(_abstract, args)).compile()
 
     def _compile_sampler(
         self, num_rows: int, variant: str, history_width: int, k: int
     ) -> jax.stages.Compiled:
-        logits = jax.ShapeDtypeStruct((num_rows, self.model_config.vocab_size), jnp.float32)
+        logits = jax.ShapeDtypeStruct(
+            (num_rows, self.model_config.vocab_size), jnp.float32, sharding=self._logits_sharding
+        )
         inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
         if variant == _GREEDY:
-            return self._greedy_jit.lower(
-                logits, _abstract(inputs.banned_token_ids), num_top_logprobs=k
-            ).compile()
-        rows = _abstract(_sampling_rows(inputs))
-        penalties = _abstract(_penalties(inputs)) if variant == _PENALISED else None
-        return self._sample_jit.lower(logits, rows, self._base_key, k, penalties).compile()
+            banned = _abstract(self._on_devices(inputs.banned_token_ids))
+            return self._greedy_jit.lower(logits, banned, num_top_logprobs=k).compile()
+        rows = _abstract(self._on_devices(_sampling_rows(inputs)))
+        penalties = _abstract(self._on_devices(_penalties(inputs))) if variant == _PENALISED else None
+        return self._sample_jit.lower(logits, rows, _abstract(self._base_key), k, penalties).compile()
+
+    def _on_devices(self, tree):
+        """Host arrays of a step, put on every device of the mesh."""
+        return jax.device_put(tree, self._replicated)
 
     def _sample(self, logits, rows, base_key, num_top_logprobs, penalties=None):
         out = sample(logits, rows, base_key, num_top_logprobs, penalties)
@@ -341,9 +364,9 @@ class Runner:
         # of SmolLM2): run every new forward once on padding, which writes only the null page.
         for bucket, kind in forwards:
             inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
-            args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)), self._last_tokens]
+            args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
             if kind == _ALL_LOGITS:
-                args.append(jax.device_put(inputs.prompt_logprob_targets))
+                args.append(self._on_devices(inputs.prompt_logprob_targets))
             logits, self.kv_pool = self._forward_programs[(bucket, kind)](*args)
             jax.block_until_ready(logits)
         self._warmed_up = True
@@ -387,22 +410,22 @@ class Runner:
         """
         forward, sampler = programs if programs is not None else self.programs(inputs)
         all_logits = inputs.wants_prompt_logprobs
-        args = [self.params, self.kv_pool, jax.device_put(_forward_arrays(inputs)), self._last_tokens]
+        args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
         if all_logits:
-            args.append(jax.device_put(inputs.prompt_logprob_targets))
+            args.append(self._on_devices(inputs.prompt_logprob_targets))
         logits, self.kv_pool = forward(*args)
         prompt = None
         if all_logits:
             logits, prompt = logits
 
         if inputs.has_penalties:
-            rows, penalties = jax.device_put((_sampling_rows(inputs), _penalties(inputs)))
+            rows, penalties = self._on_devices((_sampling_rows(inputs), _penalties(inputs)))
             out, self._last_tokens = sampler(logits, rows, self._base_key, penalties)
         elif inputs.all_greedy:
-            out, self._last_tokens = sampler(logits, jax.device_put(inputs.banned_token_ids))
+            out, self._last_tokens = sampler(logits, self._on_devices(inputs.banned_token_ids))
         else:
             out, self._last_tokens = sampler(
-                logits, jax.device_put(_sampling_rows(inputs)), self._base_key, None
+                logits, self._on_devices(_sampling_rows(inputs)), self._base_key, None
             )
         for array in jax.tree.leaves((out, prompt)):
             array.copy_to_host_async()

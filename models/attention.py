@@ -4,10 +4,12 @@ The one switch between the backends lives here: "blocked" (pure jnp, the CPU pat
 pure-jnp oracle), "pallas" (the GPU kernels) and "pallas_interpret" (the kernels in Pallas' interpreter).
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
 from pallas_kernels.kv_write import write_kv_reference
@@ -41,11 +43,38 @@ def paged_attention(
     *,
     backend: str,
     decode_only: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
     """`decode_only` (static) promises that every row has at most one token, row b's at index b, as in a
     decode step; the Pallas backends then run the decode kernel, which reads each row's pages once for all of
-    a KV head's query heads instead of the ragged kernel's per-token blocks."""
+    a KV head's query heads instead of the ragged kernel's per-token blocks.
+
+    `mesh`: the heads (of q, k, v and the pages) are split over its one axis; every device writes and attends
+    over its own heads (each KV head's query heads travel with it), with the step's metadata on all."""
     check_backend(backend)
+    # The decode kernel takes the rows' queries only (row b's token is at index b); the tokens past the rows
+    # are padding (the bucket may hold more tokens than rows): zeros, discarded.
+    decode_kernel = decode_only and backend not in _JNP_ATTENTION
+    num_rows = metadata.kv_lens.shape[0]
+    attend = functools.partial(_write_and_attend, backend=backend, decode_kernel=decode_kernel)
+    if mesh is not None and mesh.size > 1:
+        heads = PartitionSpec(None, mesh.axis_names[0])  # [T, H, head_dim]
+        pages = PartitionSpec(mesh.axis_names[0])  # [Hkv, num_pages, page_size, head_dim]
+        # check_vma off: the Pallas calls inside carry no varying-axis annotations.
+        attend = jax.shard_map(
+            attend,
+            mesh=mesh,
+            in_specs=(heads, heads, heads, (pages, pages), PartitionSpec()),
+            out_specs=(heads, (pages, pages)),
+            check_vma=False,
+        )
+    out, kv_pages = attend(q[:num_rows] if decode_kernel else q, k, v, kv_pages, metadata)
+    if decode_kernel:
+        out = jnp.zeros_like(q).at[:num_rows].set(out)
+    return out, kv_pages
+
+
+def _write_and_attend(q, k, v, kv_pages, metadata: AttentionMetadata, *, backend: str, decode_kernel: bool):
     k_pages, v_pages = kv_pages
     if backend in _JNP_ATTENTION:
         k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
@@ -59,15 +88,12 @@ def paged_attention(
 
     interpret = backend == "pallas_interpret"
     k_pages, v_pages = write_kv(k, v, k_pages, v_pages, metadata.slot_mapping, interpret=interpret)
-    if decode_only:
+    if decode_kernel:
         from pallas_kernels.paged_attention import paged_attention as decode_attention
 
-        num_rows = metadata.kv_lens.shape[0]
-        rows_out = decode_attention(
-            q[:num_rows], k_pages, v_pages, metadata.kv_lens, metadata.page_table, interpret=interpret
+        out = decode_attention(
+            q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, interpret=interpret
         )
-        # Tokens past the rows are padding (the bucket may hold more tokens than rows): zeros, discarded.
-        out = jnp.zeros_like(q).at[:num_rows].set(rows_out)
         return out, (k_pages, v_pages)
     out = ragged_paged_attention(
         q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens, interpret=interpret

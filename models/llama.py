@@ -8,7 +8,9 @@ documented in docs/architecture.md, so loaders can build it without Flax.
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
 
+from models import sharding
 from models.attention import AttentionMetadata, check_backend, paged_attention
 from models.config import ModelConfig
 from models.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
@@ -22,6 +24,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     attention: str
     decode_only: bool = False  # see models.attention.paged_attention
+    heads_mesh: Mesh | None = None  # attention split over heads across this mesh (models.sharding)
 
     @nn.compact
     def __call__(self, x, positions, kv_pages, metadata: AttentionMetadata):
@@ -52,8 +55,9 @@ class DecoderLayer(nn.Module):
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, hd), positions, inv_freq)
         v = v.reshape(num_tokens, cfg.num_kv_heads, hd)
         out, kv_pages = paged_attention(
-            q, k, v, kv_pages, metadata, backend=self.attention, decode_only=self.decode_only
-        )
+            q, k, v, kv_pages, metadata, backend=self.attention, decode_only=self.decode_only,
+            mesh=self.heads_mesh,
+        )  # fmt: skip
         x = x + out.reshape(num_tokens, q_width) @ param("wo", (q_width, d))
 
         h = rms_norm(x, param("mlp_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
@@ -66,6 +70,7 @@ class Llama(nn.Module):
     cfg: ModelConfig
     attention: str = "reference"
     decode_only: bool = False  # see models.attention.paged_attention
+    mesh: Mesh | None = None  # tensor parallelism: the parameters and the pool are split over it
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool: KVPool, metadata: AttentionMetadata, logits_indices):
@@ -74,11 +79,12 @@ class Llama(nn.Module):
         embed = self.param("embed", _init, (cfg.vocab_size, cfg.hidden_size), dt)
         x = jnp.take(embed, token_ids, axis=0)
         new_pool = []
+        shards_heads = self.mesh is not None and sharding.shards_heads(cfg, self.mesh.size)
+        heads_mesh = self.mesh if shards_heads else None
         # A Python loop, not a scan: each layer's pages stay separate donated buffers updated in place.
         for i in range(cfg.num_layers):
-            x, kv_pages = DecoderLayer(cfg, self.attention, self.decode_only, name=f"layers_{i}")(
-                x, positions, kv_pool[i], metadata
-            )
+            layer = DecoderLayer(cfg, self.attention, self.decode_only, heads_mesh, name=f"layers_{i}")
+            x, kv_pages = layer(x, positions, kv_pool[i], metadata)
             new_pool.append(kv_pages)
         # Only the rows that will be sampled go through the final norm and the vocabulary projection.
         x = rms_norm(
@@ -94,24 +100,39 @@ class Llama(nn.Module):
         return logits, tuple(new_pool)
 
 
-def init_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> KVPool:
-    """Zeroed pages for every layer; page 0 is the null page and is never handed to a request."""
+def init_kv_pool(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype=None, mesh: Mesh | None = None
+) -> KVPool:
+    """Zeroed pages for every layer; page 0 is the null page and is never handed to a request. With `mesh`,
+    each page is split over KV heads across it where attention is (models.sharding), else whole on every
+    device; the zeros are made in place, shard by shard."""
     if num_pages < 2:
         raise ValueError(f"num_pages must be at least 2 (page 0 is reserved), got {num_pages}")
     if page_size < 1:
         raise ValueError(f"page_size must be positive, got {page_size}")
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    if mesh is None:
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    where = NamedSharding(mesh, sharding.kv_pool_spec(cfg, mesh.size))
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
+    return tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
 
 
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Random parameters (normal, std 0.02; norms at 1) in the documented tree, for tests and benchmarks."""
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None) -> dict:
+    """Random parameters (normal, std 0.02; norms at 1) in the documented tree, for tests and benchmarks.
+    With `mesh`, each is made on its shards (models.sharding), never whole on one device."""
     pool = init_kv_pool(cfg, num_pages=2, page_size=1)
     one = jnp.zeros((1,), jnp.int32)
     metadata = AttentionMetadata(one, jnp.array([0, 1], jnp.int32), jnp.ones((1,), jnp.int32), one[None])
-    init = jax.jit(lambda k: Llama(cfg).init(k, one, one, pool, metadata, one)["params"])
-    return init(key)
+
+    def init(k):
+        return Llama(cfg).init(k, one, one, pool, metadata, one)["params"]
+
+    if mesh is None:
+        return jax.jit(init)(key)
+    shapes = jax.eval_shape(init, key)
+    return jax.jit(init, out_shardings=sharding.param_shardings(cfg, mesh, shapes))(key)
 
 
 def forward(
@@ -125,8 +146,9 @@ def forward(
     *,
     attention: str = "reference",
     decode_only: bool = False,  # every row has at most one token: see models.attention.paged_attention
+    mesh: Mesh | None = None,  # tensor parallelism: params and pool placed by models.sharding over it
 ) -> tuple[jax.Array, KVPool]:  # (f32[N, vocab], updated pool)
     check_backend(attention)
-    return Llama(cfg, attention, decode_only).apply(
+    return Llama(cfg, attention, decode_only, mesh).apply(
         {"params": params}, token_ids, positions, kv_pool, metadata, logits_indices
     )

@@ -20,6 +20,8 @@ import numpy as np
 _KINDS = (
     ("attention", ("attention",)),
     ("kv_write", ("write_kv", "kv_write")),
+    # Tensor parallelism's all-reduces: NCCL's kernels, or XLA's own one-shot ones.
+    ("collective", ("nccl", "all_reduce", "allreduce", "all-reduce", "all_gather", "reduce_scatter")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy")),
 )
@@ -35,6 +37,11 @@ def kernel_kind(name: str) -> str:
 
 def device_events(trace: dict) -> list[tuple[str, float, float]]:
     """(name, start µs, duration µs) of every complete event in the trace's device processes."""
+    return [event for events in events_by_device(trace).values() for event in events]
+
+
+def events_by_device(trace: dict) -> dict[int, list[tuple[str, float, float]]]:
+    """`device_events`, apart for each device (a tensor-parallel step runs on several)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     device_pids = {
         e["pid"]
@@ -43,11 +50,11 @@ def device_events(trace: dict) -> list[tuple[str, float, float]]:
         and e.get("name") == "process_name"
         and str(e.get("args", {}).get("name", "")).startswith("/device:")
     }
-    return [
-        (e["name"], float(e["ts"]), float(e["dur"]))
-        for e in events
-        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e
-    ]
+    by_device = {pid: [] for pid in sorted(device_pids)}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+            by_device[e["pid"]].append((e["name"], float(e["ts"]), float(e["dur"])))
+    return {pid: device for pid, device in by_device.items() if device}
 
 
 def busy_microseconds(events: list[tuple[str, float, float]]) -> float:
@@ -61,10 +68,16 @@ def busy_microseconds(events: list[tuple[str, float, float]]) -> float:
     return busy
 
 
-def summarize(events: list[tuple[str, float, float]], num_steps: int, top: int = 25) -> dict:
-    """Per-step device milliseconds by kind and for the `top` costliest kernels, busy and idle share."""
+def summarize(
+    events: list[tuple[str, float, float]], num_steps: int, top: int = 25, devices: list[list] | None = None
+) -> dict:
+    """Per-step device milliseconds by kind and for the `top` costliest kernels, busy and idle share.
+    `devices`: the same events apart for each device, when there are several (tensor parallelism); the
+    figures are then each device's average (busy time being each device's own union of intervals)."""
     if not events:
         return {"steps": num_steps, "kernels": [], "by_kind_ms": {}, "busy_ms": 0.0, "idle_share": None}
+    devices = devices or [events]
+    per = num_steps * len(devices)  # divides a sum over steps and devices
     total = collections.defaultdict(float)
     count = collections.Counter()
     for name, _, duration in events:
@@ -72,23 +85,24 @@ def summarize(events: list[tuple[str, float, float]], num_steps: int, top: int =
         count[name] += 1
     by_kind = collections.defaultdict(float)
     for name, us in total.items():
-        by_kind[kernel_kind(name)] += us / 1e3 / num_steps
+        by_kind[kernel_kind(name)] += us / 1e3 / per
     span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
-    busy = busy_microseconds(events)
+    busy = sum(map(busy_microseconds, devices)) / len(devices)
     ranked = sorted(total, key=total.get, reverse=True)[:top]
     return {
         "steps": num_steps,
+        "devices": len(devices),
         "busy_ms": busy / 1e3 / num_steps,
         "span_ms": span / 1e3 / num_steps,
         "idle_share": 1 - busy / span if span else 0.0,
-        "launches_per_step": sum(count.values()) / num_steps,
+        "launches_per_step": sum(count.values()) / per,
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "kernels": [
             {
                 "name": name,
                 "kind": kernel_kind(name),
-                "ms_per_step": total[name] / 1e3 / num_steps,
-                "calls_per_step": count[name] / num_steps,
+                "ms_per_step": total[name] / 1e3 / per,
+                "calls_per_step": count[name] / per,
             }
             for name in ranked
         ],
@@ -97,7 +111,7 @@ def summarize(events: list[tuple[str, float, float]], num_steps: int, top: int =
 
 def profile_steps(run_steps, top: int = 25) -> dict:
     """Runs `run_steps()`, which runs some steps and returns how many, under the profiler and summarizes
-    its device events per step."""
+    its device events per step (and per device)."""
     # No Python tracing (a call to every function the engine runs): the host then keeps nearly its own pace,
     # so the window's idle share is the device's, not the profiler's.
     options = jax.profiler.ProfileOptions()
@@ -108,7 +122,14 @@ def profile_steps(run_steps, top: int = 25) -> dict:
         (path,) = Path(trace_dir).glob("**/perfetto_trace.json.gz")
         with gzip.open(path, "rt") as f:
             trace = json.load(f)
-    return summarize(device_events(trace), max(num_steps, 1), top)
+    devices = list(events_by_device(trace).values())
+    events = [event for device in devices for event in device]
+    return summarize(events, max(num_steps, 1), top, devices)
+
+
+def _per_device(profile: dict) -> str:
+    devices = profile.get("devices", 1)
+    return f" (each of {devices} devices)" if devices > 1 else ""
 
 
 def describe(profile: dict) -> str:
@@ -116,7 +137,8 @@ def describe(profile: dict) -> str:
         return "device profile: no device events (a CPU run traces host threads only)"
     kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms"].items())
     lines = [
-        f"device profile over {profile['steps']} steps: busy {profile['busy_ms']:.2f} ms per step of a "
+        f"device profile over {profile['steps']} steps{_per_device(profile)}: "
+        f"busy {profile['busy_ms']:.2f} ms per step of a "
         f"{profile['span_ms']:.2f} ms span (idle {100 * profile['idle_share']:.1f}%), "
         f"{profile['launches_per_step']:.0f} kernels per step; ms per step by kind: {kinds}",
         "| kernel | kind | ms per step | calls per step |",

@@ -30,20 +30,24 @@ is given.
 """
 
 import codecs
+import concurrent.futures
 import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from tokenize import TokenError
 from typing import NoReturn
 
+import jax
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from jaxpage import LLM, SamplingParams, gin_config
+from jaxpage import LLM, SamplingParams, distributed, gin_config
+from jaxpage.engine import LLMEngine
 
 DEFAULT_GIN_FILE = str(Path(__file__).resolve().parent.parent / "configs" / "smollm2_135m.gin")
 # A row holds a request's final output only, so its output_kind is the engine's business, not the line's.
@@ -60,6 +64,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
     flags.DEFINE_string("output", None, "JSONL file the results are written to.", required=True)
     flags.DEFINE_bool("print_outputs", False, "Print every prompt and its answer when done.")
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of the first process of a multi-process run (default $JAXPAGE_COORDINATOR_ADDRESS); "
+        "unset: one process.",
+    )  # fmt: skip
+    flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run ($JAXPAGE_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", None, "This process's index in it, from 0 ($JAXPAGE_PROCESS_ID).")
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -144,63 +155,111 @@ def serve(
     lines: Sequence[str | bytes],
     on_row: Callable[[dict], None] | None = None,
     progress: bool = False,
+    first_line: int = 1,
 ) -> list[dict]:
     """Serves every non-blank line in one continuous batch and returns the output rows in input order.
 
     `on_row` gets each row as soon as it is final: rows of refused lines first, then the others as their
-    requests finish. A line's id defaults to its 1-based line number; a line that cannot be served gets an
-    `error` row naming the line and the field, and leaves the engine as it was. An exception (Ctrl-C) aborts
-    the requests still running, so the engine can serve again.
+    requests finish. A line's id defaults to its line number (`first_line` for the first of `lines`); a line
+    that cannot be served gets an `error` row naming the line and the field, and leaves the engine as it was.
+    With data-parallel replicas (`llm.replicas`), each serves a contiguous share of the lines, side by side.
+    An exception (Ctrl-C) aborts the requests still running, so the engine can serve again.
     """
-    engine = llm.engine
+    engines = [replica.engine for replica in llm.replicas] or [llm.engine]
+    numbered = [(n, text) for n, text in enumerate(lines, start=first_line) if text.strip()]
     rows: dict[int, dict] = {}  # by line number
-    pending: dict[str, tuple[int, object]] = {}  # engine request id -> (line number, the line's id)
+    lock = threading.Lock()  # replicas finish rows from their own threads
     first_line_of: dict[object, int] = {}  # by id
 
     def finish(line_number: int, row: dict) -> None:
-        rows[line_number] = row
-        if on_row is not None:
-            on_row(row)
+        with lock:
+            rows[line_number] = row
+            if on_row is not None:
+                on_row(row)
 
+    queued: list[tuple[LLMEngine, dict]] = []
+    stop = threading.Event()
     try:  # an interrupt while queueing or serving aborts what this call queued
-        for line_number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            request_id = line_number
-            try:
-                line_id, line = parse_line(text)
-                request_id = line_number if line_id is None else line_id
-                first = first_line_of.setdefault(request_id, line_number)
-                if first != line_number:
-                    print(
-                        f"warning: line {line_number} repeats the id {request_id!r} of line {first}",
-                        file=sys.stderr,
-                    )
-                # Engine ids are per line, so a repeated `id` in the input cannot clash.
-                engine_id = engine.add_request(request_id=f"line-{line_number}", **request_kwargs(line))
-            except ValueError as error:
-                finish(line_number, _error_row(request_id, line_number, error))
-                continue
-            pending[engine_id] = (line_number, request_id)
-        start, generated = time.perf_counter(), 0
-        with tqdm(total=len(pending), unit="req", disable=not progress, file=sys.stderr) as bar:
-            while pending:
-                for output in engine.step():
-                    generated += sum(len(completion.new_token_ids) for completion in output.outputs)
-                    if output.finished and output.request_id in pending:
-                        line_number, request_id = pending.pop(output.request_id)
-                        error = getattr(output, "error", None)  # set when the device failed it
-                        if error:
-                            finish(line_number, _error_row(request_id, line_number, error))
-                        else:
-                            finish(line_number, _result_row(request_id, line_number, output))
-                        bar.update(1)
-                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+        for index, engine in enumerate(engines):
+            share = distributed.share(len(numbered), index, len(engines))
+            pending = _queue(engine, numbered[share.start : share.stop], finish, first_line_of)
+            queued.append((engine, pending))
+        total = sum(len(pending) for _, pending in queued)
+        with tqdm(total=total, unit="req", disable=not progress, file=sys.stderr) as bar:
+            counter = _Progress(bar)
+            if len(queued) == 1:
+                _drain(*queued[0], finish, counter, stop)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(queued)) as pool:
+                    futures = [pool.submit(_drain, *q, finish, counter, stop) for q in queued]
+                    try:
+                        for future in futures:
+                            future.result()
+                    except BaseException:
+                        stop.set()  # the other replicas stop after their current step
+                        raise
     except BaseException:
-        for engine_id in pending:
-            engine.abort(engine_id, report=False)  # no one will read its final output
+        for engine, pending in queued:
+            for engine_id in list(pending):
+                engine.abort(engine_id, report=False)  # no one will read its final output
         raise
     return [rows[line_number] for line_number in sorted(rows)]
+
+
+def _queue(engine: LLMEngine, numbered, finish, first_line_of: dict) -> dict[str, tuple[int, object]]:
+    """Adds each line's request to the engine (a refused line gets its error row at once); returns engine
+    request id -> (line number, the line's id) of the queued ones."""
+    pending = {}
+    for line_number, text in numbered:
+        request_id = line_number
+        try:
+            line_id, line = parse_line(text)
+            request_id = line_number if line_id is None else line_id
+            first = first_line_of.setdefault(request_id, line_number)
+            if first != line_number:
+                print(
+                    f"warning: line {line_number} repeats the id {request_id!r} of line {first}",
+                    file=sys.stderr,
+                )
+            # Engine ids are per line, so a repeated `id` in the input cannot clash.
+            engine_id = engine.add_request(request_id=f"line-{line_number}", **request_kwargs(line))
+        except ValueError as error:
+            finish(line_number, _error_row(request_id, line_number, error))
+            continue
+        pending[engine_id] = (line_number, request_id)
+    return pending
+
+
+class _Progress:
+    """The progress bar and the output tokens per second, updated from every replica's thread."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.generated, self.start = bar, 0, time.perf_counter()
+        self.lock = threading.Lock()
+
+    def update(self, new_tokens: int, finished: int) -> None:
+        with self.lock:
+            self.generated += new_tokens
+            self.bar.update(finished)
+            rate = self.generated / (time.perf_counter() - self.start)
+            self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+
+
+def _drain(engine: LLMEngine, pending: dict, finish, progress: _Progress, stop: threading.Event) -> None:
+    """Steps the engine until its queued lines are all final (removing them from `pending`), or `stop`."""
+    while pending and not stop.is_set():
+        new_tokens = finished = 0
+        for output in engine.step():
+            new_tokens += sum(len(completion.new_token_ids) for completion in output.outputs)
+            if output.finished and output.request_id in pending:
+                line_number, request_id = pending.pop(output.request_id)
+                error = getattr(output, "error", None)  # set when the device failed it
+                if error:
+                    finish(line_number, _error_row(request_id, line_number, error))
+                else:
+                    finish(line_number, _result_row(request_id, line_number, output))
+                finished += 1
+        progress.update(new_tokens, finished)
 
 
 # Characters JSON leaves raw that Python's str.splitlines (and some editors) take for line breaks.
@@ -216,7 +275,9 @@ def _json_line(row: dict) -> str:
     return line.translate(_LINE_BREAKS) + "\n"
 
 
-def serve_to_file(llm: LLM, lines: Sequence[str | bytes], path: Path, progress: bool = False) -> list[dict]:
+def serve_to_file(
+    llm: LLM, lines: Sequence[str | bytes], path: Path, progress: bool = False, first_line: int = 1
+) -> list[dict]:
     """`serve`, writing each row to `path` as it is final; once all are, rewrites `path` in input order."""
     with path.open("w", encoding="utf-8") as f:
 
@@ -224,12 +285,16 @@ def serve_to_file(llm: LLM, lines: Sequence[str | bytes], path: Path, progress: 
             f.write(_json_line(row))
             f.flush()  # an interrupted or killed run keeps the rows it finished
 
-        rows = serve(llm, lines, on_row=write, progress=progress)
+        rows = serve(llm, lines, on_row=write, progress=progress, first_line=first_line)
+    write_rows(rows, path)
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
     # Through a temporary file, so a run stopped while rewriting still leaves every row.
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(map(_json_line, rows)), encoding="utf-8")
     os.replace(temporary, path)
-    return rows
 
 
 def check_output_path(path: Path) -> None:
@@ -290,8 +355,14 @@ def main(argv):
         setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
     except (ImportError, OSError, SyntaxError, TokenError, TypeError, ValueError) as error:
         _fail(f"gin config: {_one_line(error)}")
+    try:  # before anything starts a JAX backend
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as error:
+        _fail(str(error))
+    process, num_processes = jax.process_index(), jax.process_count()
     config_path = output_path.with_name(output_path.stem + ".config.gin")
-    config_path.write_text(gin_config.operative_config(), encoding="utf-8")
+    if process == 0:
+        config_path.write_text(gin_config.operative_config(), encoding="utf-8")
     try:
         llm = LLM(
             setup.engine, random_model=setup.random_model, random_weight_scale=setup.random_weight_scale
@@ -299,17 +370,32 @@ def main(argv):
     except (OSError, ValueError) as error:
         _fail(f"cannot build the engine: {_one_line(error)}")
 
+    # Each process serves its contiguous share of the lines into a file of its own; the first one gathers
+    # every share's rows and writes the output in input order.
+    share = distributed.process_share(len(lines))
+    own_path = (
+        output_path if num_processes == 1 else output_path.with_name(f"{output_path.name}.process{process}")
+    )
     try:
-        rows = serve_to_file(llm, lines, output_path, progress=True)
+        rows = serve_to_file(
+            llm, lines[share.start : share.stop], own_path, progress=True, first_line=share.start + 1
+        )
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {output_path} holds the finished rows, in completion order", file=sys.stderr)
+        print(f"\ninterrupted: {own_path} holds the finished rows, in completion order", file=sys.stderr)
         sys.exit(130)
+    for engine in [replica.engine for replica in llm.replicas] or [llm.engine]:
+        print(f"engine: {engine.metrics().summary()}", file=sys.stderr)
+    if num_processes > 1:
+        rows = distributed.gather_to_first(rows)
+        own_path.unlink()
+        if rows is None:  # not the first process
+            return
+        write_rows(rows, output_path)
     num_errors = sum("error" in row for row in rows)
     print(
         f"wrote {len(rows)} results ({num_errors} errors) to {output_path}; config in {config_path}",
         file=sys.stderr,
     )
-    print(f"engine: {llm.engine.metrics().summary()}", file=sys.stderr)
     if FLAGS.print_outputs:
         _print_outputs(rows)
 

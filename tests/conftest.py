@@ -3,7 +3,12 @@
 import os
 from pathlib import Path
 
+import jax
 import pytest
+
+# Eight CPU devices, before any test starts the backend, so tensor- and data-parallel tests have a mesh to
+# split over; every other test uses the first, as a one-device machine would.
+jax.config.update("jax_num_cpu_devices", 8)
 
 # Tests write their compiled programs and converted weights under the repo's ignored .cache/, not the user's
 # cache directory (a caller's own JAXPAGE_CACHE_DIR wins).

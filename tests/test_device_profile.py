@@ -62,3 +62,23 @@ def test_a_cpu_trace_has_no_device_events():
 
     profile = device_profile.profile_steps(run)
     assert profile["kernels"] == [] and "no device events" in device_profile.describe(profile)
+
+
+def test_two_devices_are_averaged_and_all_reduces_have_their_kind():
+    meta = [
+        {"ph": "M", "pid": p, "name": "process_name", "args": {"name": f"/device:GPU:{p}"}} for p in (0, 1)
+    ]
+    kernels = [  # each GPU: a gemm, then an all-reduce; GPU 1 a little later
+        (0, "sm90_xmma_gemm_bf16", 0.0, 10.0),
+        (0, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 10.0, 2.0),
+        (1, "sm90_xmma_gemm_bf16", 1.0, 10.0),
+        (1, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 11.0, 4.0),
+    ]
+    events = [{"ph": "X", "pid": p, "tid": 7, "ts": s, "dur": d, "name": n} for p, n, s, d in kernels]
+    trace = {"traceEvents": meta + events}
+    devices = list(device_profile.events_by_device(trace).values())
+    summary = device_profile.summarize(device_profile.device_events(trace), 1, devices=devices)
+    assert summary["devices"] == 2
+    assert summary["by_kind_ms"] == pytest.approx({"matmul": 0.010, "collective": 0.003})
+    assert summary["busy_ms"] == pytest.approx((12 + 14) / 2 / 1e3)
+    assert "each of 2 devices" in device_profile.describe(summary)

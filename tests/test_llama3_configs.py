@@ -10,7 +10,7 @@ from models.default_model import default_model_path
 from models.llama import init_params
 
 
-@pytest.mark.parametrize("name, billions", [("llama3_8b", 8.03), ("llama3_1b", 1.24)])
+@pytest.mark.parametrize("name, billions", [("llama3_8b", 8.03), ("llama3_1b", 1.24), ("llama3_70b", 70.55)])
 def test_config_has_the_published_shapes(name, billions):
     setup = gin_config.parse([f"configs/{name}.gin"], [])
     model = setup.random_model

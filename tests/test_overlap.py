@@ -113,3 +113,21 @@ def test_smollm2_greedy_tokens_are_the_same_with_and_without_overlap():
     prompts = ["What is paging?", "Name three colours.", "Hello", "Count to five."]
     on, off = LLM(**settings), LLM(**settings, overlap_steps=False)
     assert _summary(on.generate(prompts, params)) == _summary(off.generate(prompts, params))
+
+
+def test_no_step_is_left_in_flight_when_the_last_request_stops_on_a_sampled_token():
+    """The step launched after the one that sampled a stop token is read at once when nothing else runs:
+    a process that exits right after `generate` would otherwise tear the runtime down under its copies
+    (which aborted SmolLM2 runs at exit)."""
+    llm = _llm(True)
+    free = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
+    stopped = llm.generate(
+        "Hello", SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[free.token_ids[4]])
+    )
+    assert stopped[0].outputs[0].finish_reason == "stop"
+    assert llm.engine._in_flight is None
+    # The engine serves on as before.
+    assert (
+        llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
+        == free.token_ids
+    )

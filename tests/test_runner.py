@@ -16,7 +16,6 @@ from jaxpage.page_pool import PagePool
 from jaxpage.request import Request, RequestStatus
 from jaxpage.runner import (
     Runner,
-    _abstract,
     _forward_arrays,
     _penalties,
     _sampling_rows,
@@ -313,6 +312,11 @@ def test_gpu_step_programs_hold_no_loop_or_branch():
     )
     bucket = local.buckets[-1]
     inputs = padding_inputs(bucket, prompt_logprobs=True)
+
+    # Shapes without the CPU mesh's shardings: the programs are lowered for a GPU.
+    def _abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
     forward = [_abstract(local.params), _abstract(local.kv_pool), _abstract(_forward_arrays(inputs))]
     forward.append(_abstract(local._last_tokens))
     logits = jax.ShapeDtypeStruct((bucket.num_rows, model.vocab_size), jnp.float32)
@@ -327,7 +331,11 @@ def test_gpu_step_programs_hold_no_loop_or_branch():
             logits, _abstract(rows.banned_token_ids), num_top_logprobs=3
         ),
         "sampled": lambda: local._sample_jit.trace(
-            logits, _abstract(_sampling_rows(rows)), local._base_key, 3, _abstract(_penalties(rows))
+            logits,
+            _abstract(_sampling_rows(rows)),
+            _abstract(local._base_key),
+            3,
+            _abstract(_penalties(rows)),
         ),
     }
     for name, trace in programs.items():
