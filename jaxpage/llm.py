@@ -99,8 +99,9 @@ class LLM:
             for group in distributed.replica_devices(config)
         ]  # fmt: skip
         self._serve(engines[0])
-        # The data-parallel engines, each behind an LLM of its own; none when there is one.
-        self.replicas = [LLM._around(engine) for engine in engines] if len(engines) > 1 else []
+        # The data-parallel engines, each behind an LLM (the first is this one, so streams and `generate`
+        # share its mailboxes); none when there is one.
+        self.replicas = [self, *map(LLM._around, engines[1:])] if len(engines) > 1 else []
 
     @classmethod
     def _around(cls, engine: LLMEngine) -> "LLM":

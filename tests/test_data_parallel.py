@@ -143,3 +143,14 @@ def test_two_processes_with_jax_distributed_give_the_single_process_result(one_e
     assert [served(row) for row in rows] == [served(row) for row in expected]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.config.gin", "out.jsonl"]
     assert [log.count("engine: steps") for log in logs] == [2, 2]  # two replicas in each process
+
+
+def test_a_stream_on_the_first_replica_keeps_its_outputs_across_a_data_parallel_generate(
+    one_engine, replicas
+):
+    stream = replicas.generate_stream(PROMPTS[3], SamplingParams(max_tokens=10, temperature=0))
+    first = next(stream)
+    replicas.generate(PROMPTS[:8], PARAMS[:8])  # steps the first replica too
+    outputs = [first, *stream]
+    expected = one_engine.generate(PROMPTS[3], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
