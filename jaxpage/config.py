@@ -77,7 +77,9 @@ class EngineConfig:
     seed: int = 0  # base of every request's sampling key, and of the seeds given to requests without one
     enable_prefix_caching: bool = True  # reuse the K/V of full pages whose token prefix was computed before
     preemption_mode: str = "recompute"  # when the pool runs dry: "recompute" the victim later, or "swap" it
-    swap_space_gib: float = 4.0  # host memory holding swapped-out pages (preemption_mode "swap")
+    # Host memory holding swapped-out pages (preemption_mode "swap"). This and kv_host_cache_gib count every
+    # device's copy: a pool replicated over a tensor-parallel mesh keeps one per device.
+    swap_space_gib: float = 4.0
     # Tiers under the prefix cache (AttentionStore): cached pages evicted from the device pool are saved to
     # host memory (this many GiB; None: no tiers), and from there to files under kv_disk_cache_dir (at most
     # kv_disk_cache_gib; None: no disk tier). A prefix lookup that misses the pool continues there.

@@ -97,21 +97,32 @@ def process_share(count: int) -> range:
     return share(count, jax.process_index(), jax.process_count())
 
 
-def gather_to_first(items: list) -> list | None:
+def gather_to_first(items: list, chunk_bytes: int = 64 << 20) -> list | None:
     """Every process's `items` (JSON-serialisable), concatenated in process order, on the first process;
-    None on the others. Every process must call it (it is a collective)."""
+    None on the others. Every process must call it (it is a collective).
+
+    The JSON travels through the devices in rounds of `chunk_bytes` per process, so a large output never
+    needs more than processes x chunk_bytes of device memory at once.
+    """
     if jax.process_count() == 1:
         return list(items)
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(json.dumps(items).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: data.size] = data
-    gathered = multihost_utils.process_allgather(padded)
-    if jax.process_index() != 0:
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
+    chunk = int(min(chunk_bytes, max(1, sizes.max())))  # one shape for every round: one compilation
+    first, pieces = jax.process_index() == 0, []
+    for start in range(0, int(sizes.max()), chunk):
+        piece = np.zeros(chunk, np.uint8)
+        own = data[start : start + chunk]
+        piece[: own.size] = own
+        gathered = multihost_utils.process_allgather(piece)  # [processes, chunk]
+        if first:
+            pieces.append(gathered)
+    if not first:
         return None
     merged = []
-    for row, size in zip(gathered, sizes.reshape(-1), strict=True):
-        merged += json.loads(row[:size].tobytes())
+    for process, size in enumerate(sizes):
+        text = b"".join(bytes(round_[process]) for round_ in pieces)[:size]
+        merged += json.loads(text)
     return merged

@@ -58,7 +58,7 @@ from models.config import ModelConfig
 from models.default_model import default_model_path
 from models.layers import rope_inv_freq
 from models.llama import init_params
-from models.loaders import load_model
+from models.loaders import load_model, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +81,6 @@ def _read_in_flight_step(engine_ref: "weakref.ref[LLMEngine]") -> None:
     engine = engine_ref()
     if engine is not None and engine._in_flight is not None:
         jax.device_get(engine._in_flight.step)
-
-
-def _engine_devices(tensor_parallel_size: int, devices: list | None) -> list:
-    """The devices of one engine's mesh: `devices` (exactly tensor_parallel_size of them), else this
-    process's first tensor_parallel_size devices."""
-    if devices is None:
-        local = jax.local_devices()
-        if len(local) < tensor_parallel_size:
-            raise ValueError(
-                f"tensor_parallel_size {tensor_parallel_size} needs that many devices; this process has "
-                f"{len(local)} ({local[0].platform})"
-            )
-        return local[:tensor_parallel_size]
-    if len(devices) != tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size {tensor_parallel_size} does not match the {len(devices)} devices given"
-        )
-    return list(devices)
 
 
 class LLMEngine:
@@ -132,10 +114,13 @@ class LLMEngine:
         self.tokenizer = (
             Tokenizer.from_hf_dir(model_path) if model_path.is_dir() else Tokenizer.from_gguf(model_path)
         )
-        mesh = sharding.make_mesh(_engine_devices(config.tensor_parallel_size, devices))
+        mesh = sharding.tensor_parallel_mesh(config.tensor_parallel_size, devices)
         if random_model is None:
+            # The split is checked before the weights load (minutes for a large model).
+            sharding.check_tensor_parallel(
+                read_model_config(model_path, config.dtype), config.tensor_parallel_size
+            )
             model_config, params = load_model(model_path, config.dtype, cache_dir=config.checkpoint_cache_dir)
-            sharding.check_tensor_parallel(model_config, config.tensor_parallel_size)
         else:
             model_config = dataclasses.replace(random_model, dtype=config.dtype)
             sharding.check_tensor_parallel(model_config, config.tensor_parallel_size)
@@ -155,10 +140,15 @@ class LLMEngine:
             )
         config.check_page_buckets(self.max_model_len)
         bytes_per_page = kv_bytes_per_page(model_config, config.page_size)
+        # Host memory holds every device's shard of a page: the whole page once when the heads are split,
+        # once per device when the pool is replicated (fewer KV heads than devices).
+        tp = config.tensor_parallel_size
+        host_bytes_per_page = tp * kv_bytes_per_page(model_config, config.page_size, tp)
         random_id = f"random(seed={config.seed}, scale={random_weight_scale})" if random_model else None
         self.store = _kv_store(
-            config, model_config, bytes_per_page, lambda: random_id or _checkpoint_identity(model_path)
-        )
+            config, model_config, bytes_per_page, host_bytes_per_page,
+            lambda: random_id or _checkpoint_identity(model_path),
+        )  # fmt: skip
         self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size, mesh=mesh)
         if self.store is not None:
             self.store.stage = functools.partial(
@@ -167,7 +157,7 @@ class LLMEngine:
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
         if config.preemption_mode == "swap":
-            num_swap_pages = int(config.swap_space_gib * 2**30) // bytes_per_page
+            num_swap_pages = int(config.swap_space_gib * 2**30) // host_bytes_per_page
         self.scheduler = Scheduler(
             self.pool,
             page_size=config.page_size,
@@ -765,21 +755,25 @@ def _checkpoint_identity(path: Path) -> str:
 
 
 def _kv_store(
-    config: EngineConfig, model_config: ModelConfig, bytes_per_page: int, model_identity
+    config: EngineConfig,
+    model_config: ModelConfig,
+    bytes_per_page: int,
+    host_bytes_per_page: int,
+    model_identity,
 ) -> KVStore | None:
     """The tiers under the prefix cache that `config` asks for; a ValueError naming the field for a size
-    below one page or an unusable directory. `model_identity()` names the model for the disk tier (called
-    only with one: it reads every checkpoint file's metadata)."""
+    below one page or an unusable directory. A page takes `host_bytes_per_page` in host memory (all its
+    devices' shards) and `bytes_per_page` on disk. `model_identity()` names the model for the disk tier
+    (called only with one: it reads every checkpoint file's metadata)."""
     if config.kv_host_cache_gib is None:
         return None
 
     def pages(field: str) -> int:
         gib = getattr(config, field)
-        num_pages = int(gib * 2**30) // bytes_per_page
+        page_bytes = host_bytes_per_page if field == "kv_host_cache_gib" else bytes_per_page
+        num_pages = int(gib * 2**30) // page_bytes
         if num_pages < 1:
-            raise ValueError(
-                f"engine config field {field} ({gib}) is below one KV page ({bytes_per_page} bytes)"
-            )
+            raise ValueError(f"engine config field {field} ({gib}) is below one KV page ({page_bytes} bytes)")
         return num_pages
 
     host_pages = pages("kv_host_cache_gib")

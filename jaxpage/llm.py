@@ -76,7 +76,8 @@ class LLM:
     With `data_parallel_size` > 1 it runs that many engines (in a multi-process run, this process's share of
     them; see jaxpage.distributed), each on its own `tensor_parallel_size` devices: `generate` splits its
     prompts into contiguous shares, one per engine, run side by side, and returns the outputs in the prompts'
-    order. Streams and conversations run on the first engine (`engine`).
+    order. Streams and conversations run on the first engine (`engine`). In a multi-process run each process
+    generates the prompts it is given on its own engines: give each its `distributed.process_share`.
     """
 
     def __init__(
@@ -165,13 +166,11 @@ class LLM:
     def _finals(self, request_ids: list[str], stop: threading.Event | None = None) -> list[RequestOutput]:
         """Steps until the requests finish; their final outputs, in order. `stop`, once set, ends the wait
         after the current step and aborts what is unfinished (KeyboardInterrupt in another thread)."""
-        finals, outputs = {}, self._run(request_ids)
+        finals, outputs = {}, self._run(request_ids, stop)
         try:
             for output in outputs:
                 if output.finished:
                     finals[output.request_id] = output
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt
         finally:
             outputs.close()  # aborts the unfinished ones
         return [finals[request_id] for request_id in request_ids]
@@ -197,6 +196,12 @@ class LLM:
         with concurrent.futures.ThreadPoolExecutor(len(queued)) as pool:
             futures = [pool.submit(replica._finals, ids, stop) for replica, ids in queued]
             try:
+                # The first failure, wherever it happens, stops the others at once (not after the earlier
+                # shares have finished).
+                concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                for future in futures:
+                    if future.done() and future.exception() is not None:
+                        raise future.exception()
                 return [output for future in futures for output in future.result()]
             except BaseException:
                 stop.set()  # the other replicas stop after their current step
@@ -226,10 +231,14 @@ class LLM:
             self, self._add(prompts, sampling_params, cache_salt=cache_salt, kv_shift=kv_shift)
         )
 
-    def _run(self, request_ids: list[str]) -> Iterator[RequestOutput]:
+    def _run(self, request_ids: list[str], stop: threading.Event | None = None) -> Iterator[RequestOutput]:
+        """Every output of the requests until they finish. `stop`, once set, ends it before the next step
+        with KeyboardInterrupt (and the unfinished requests are dropped)."""
         pending = set(request_ids)
         try:
             while pending:
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
                 for output in self._next_outputs(pending):
                     if output.finished:
                         pending.discard(output.request_id)

@@ -169,7 +169,7 @@ class Runner:
             row_sized_decode=self.uses_decode_kernel,
         )
         if mesh is None:
-            mesh = sharding.make_mesh(jax.local_devices()[: engine_config.tensor_parallel_size])
+            mesh = sharding.tensor_parallel_mesh(engine_config.tensor_parallel_size)
         self.mesh = mesh
         # Step inputs, sampling state and the sampled tokens are the same on every device.
         self._replicated = sharding.replicated(mesh)

@@ -84,7 +84,7 @@ def _write_and_attend(q, k, v, kv_pages, metadata: AttentionMetadata, *, backend
         return out, (k_pages, v_pages)
     # Imported here so that CPU-only users never load the Triton lowering.
     from pallas_kernels.kv_write import write_kv
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    from pallas_kernels.mixed_attention import mixed_paged_attention
 
     interpret = backend == "pallas_interpret"
     k_pages, v_pages = write_kv(k, v, k_pages, v_pages, metadata.slot_mapping, interpret=interpret)
@@ -95,7 +95,7 @@ def _write_and_attend(q, k, v, kv_pages, metadata: AttentionMetadata, *, backend
             q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, interpret=interpret
         )
         return out, (k_pages, v_pages)
-    out = ragged_paged_attention(
+    out = mixed_paged_attention(
         q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens, interpret=interpret
     )
     return out, (k_pages, v_pages)

@@ -66,6 +66,24 @@ def make_mesh(devices) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+def tensor_parallel_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
+    """The mesh of one engine: over `devices` (exactly tensor_parallel_size of them), else over this
+    process's first tensor_parallel_size devices; never silently over fewer."""
+    if devices is None:
+        local = jax.local_devices()
+        if len(local) < tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} needs that many devices; this process has "
+                f"{len(local)} ({local[0].platform})"
+            )
+        devices = local[:tensor_parallel_size]
+    if len(devices) != tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} does not match the {len(devices)} devices given"
+        )
+    return make_mesh(list(devices))
+
+
 def param_specs(cfg: ModelConfig, size: int, params) -> dict:
     """A PartitionSpec for every leaf of `params` (arrays or shapes) at tensor-parallel size `size`."""
     rules = _rules(cfg, size)

@@ -235,16 +235,18 @@ def _ragged_kernel(
     plt.store(o_ref.at[io_idx], out.reshape(tokens, g_pad, head_dim).astype(o_ref.dtype), mask=io_mask)
 
 
-def _work_list(cu_q_lens, kv_lens, tokens: int, num_items: int) -> jax.Array:
+def _work_list(cu_q_lens, kv_lens, tokens: int, num_items: int, skip_rows=None) -> jax.Array:
     """i32[num_items, 4]: (request, first flat token, tokens, first token's KV position) per q block.
 
-    Each request's new tokens are cut into blocks of `tokens`; unused items have 0 tokens. The list is
-    reversed so the heaviest blocks (a long request's last ones, which see the most KV) start first and the
-    idle items last.
+    Each request's new tokens are cut into blocks of `tokens`; unused items have 0 tokens, and so do the
+    requests of `skip_rows`. The list is reversed so the heaviest blocks (a long request's last ones, which
+    see the most KV) start first and the idle items last.
     """
     batch = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     blocks = (q_lens + tokens - 1) // tokens
+    if skip_rows is not None:
+        blocks = jnp.where(skip_rows, 0, blocks)
     cu_blocks = jnp.cumsum(blocks)
     j = jnp.arange(num_items, dtype=jnp.int32)
     req = jnp.searchsorted(cu_blocks, j, side="right", method="compare_all").astype(jnp.int32)  # no loop
@@ -274,6 +276,7 @@ def ragged_paged_attention(
     sm_scale: float | None = None,
     interpret: bool = False,
     blocks: tuning.RaggedBlocks | None = None,
+    skip_rows: jax.Array | None = None,  # bool[B]: requests whose tokens are left alone (0 in the output)
 ) -> jax.Array:  # q.dtype[T, num_q_heads, head_dim]; rows of padding tokens are 0
     """The Pallas kernel of `ragged_paged_attention_reference`, same semantics; `blocks` overrides the tuning.
 
@@ -296,7 +299,7 @@ def ragged_paged_attention(
     block_kv = max(blocks.block_kv, page_size)
     # Every item holds >= 1 token, and a request adds at most one partial block.
     num_items = max(1, min(num_tokens, pl.cdiv(num_tokens, tokens) + batch))
-    work = _work_list(cu_q_lens, kv_lens, tokens, num_items)
+    work = _work_list(cu_q_lens, kv_lens, tokens, num_items, skip_rows)
     # Whole blocks of page ids are read; the padding columns name the null page and are masked off.
     page_table = jnp.pad(page_table, ((0, 0), (0, -pages_per_seq % (block_kv // page_size))))
 

@@ -5,7 +5,8 @@ Sections (--sections): hbm (jnp.sum over a --hbm_gib array: the read bandwidth t
 with the tuned blocks and with num_stages=1 -- what the load/compute overlap buys --, ours through the ragged
 kernel, JAX's own Pallas paged_attention at its best k_splits x pages_per_compute_block, and cuDNN dense
 attention on the same tokens laid out contiguously), prefill (one chunk with and without a cached prefix, vs
-cuDNN dense causal attention over the chunk), kv_write (the in-place page write), sweep_decode and
+cuDNN dense causal attention over the chunk), mixed (a step of decodes plus one prefill chunk: the ragged
+kernel alone vs the decodes sent to the decode kernel), kv_write (the in-place page write), sweep_decode and
 sweep_prefill (block sizes around the tuning table's row, on a few shapes).
 
   python scripts/bench_kernels.py --sections hbm,decode --batch_sizes 1,8,32
@@ -33,12 +34,13 @@ from device_timing import best_seconds, chained_loop
 
 from pallas_kernels import tuning
 from pallas_kernels.kv_write import write_kv
+from pallas_kernels.mixed_attention import mixed_paged_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 flags.DEFINE_string("output_dir", "benchmarks/results", "Where the JSON and markdown results are written.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes in interpret mode on CPU: checks the plumbing, times nothing.")
-flags.DEFINE_list("sections", ["hbm", "decode", "prefill", "kv_write"], "Which parts to run.")
+flags.DEFINE_list("sections", ["hbm", "decode", "prefill", "mixed", "kv_write"], "Which parts to run.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128", "256"], "Decode batch sizes.")
 flags.DEFINE_list("contexts", ["512", "2048", "8192", "32768"], "Decode context lengths.")
 flags.DEFINE_list("page_sizes", ["16", "32", "64"], "Decode page sizes (prefill and kv_write use the first).")
@@ -51,6 +53,9 @@ flags.DEFINE_float("hbm_gib", 4.0, "Size of the array summed to measure HBM read
 flags.DEFINE_float("target_seconds", 0.05, "Rough device time per timing trial.")
 flags.DEFINE_list("sweep_decode_shapes", ["32x8192", "128x2048", "1x32768"], "Decode sweep: BATCHxCONTEXT.")
 flags.DEFINE_list("sweep_prefill_shapes", ["4096+0", "2048+4096"], "Prefill sweep: CHUNK+PREFIX.")
+flags.DEFINE_list(
+    "mixed_shapes", ["255x512+256", "255x1024+1792", "31x512+2016"], "Mixed steps: DECODESxCONTEXT+CHUNK."
+)
 flags.DEFINE_multi_string("decode_variant", [], "Decode sweep blocks, 'field=value,...' over the tuned row.")
 flags.DEFINE_multi_string("ragged_variant", [], "Prefill sweep blocks, 'field=value,...' over the tuned row.")
 flags.DEFINE_integer("compile_threads", 8, "Variants compiled at once.")
@@ -74,6 +79,7 @@ class Options:
     target_seconds: float
     sweep_decode_shapes: tuple[tuple[int, int], ...] = ()  # (batch, context)
     sweep_prefill_shapes: tuple[tuple[int, int], ...] = ()  # (chunk, prefix)
+    mixed_shapes: tuple[tuple[int, int, int], ...] = ()  # (decodes, context, chunk)
     decode_variants: tuple[str, ...] = ()  # "field=value,..." overrides of the tuned blocks
     ragged_variants: tuple[str, ...] = ()
     compile_threads: int = 8
@@ -277,6 +283,25 @@ def _prefill_case(key, heads, dtype, chunk, prefix, page_size):
     return args, flops
 
 
+def bench_mixed(opts: Options, heads: dict, dtype, key):
+    """A mixed step: `decodes` requests of one new token at `context`, then one fresh prompt chunk."""
+    page_size = opts.page_sizes[0]
+    for decodes, context, chunk in opts.mixed_shapes:
+        row = dict(section="mixed", decodes=decodes, context=context, chunk=chunk)
+        args = paged_inputs(
+            key, q_lens=[1] * decodes + [chunk], kv_lens=[context] * decodes + [chunk],
+            page_size=page_size, dtype=dtype, **heads,
+        )  # fmt: skip
+        calls = {
+            "ragged": (functools.partial(ragged_paged_attention, interpret=opts.smoke), args),
+            "mixed": (functools.partial(mixed_paged_attention, interpret=opts.smoke), args),
+        }
+        row.update({f"{n}_s": t for n, t in time_calls(calls, 1e-4, opts).items()})
+        row["mixed_speedup"] = _ratio(row.get("ragged_s"), row.get("mixed_s"))
+        del calls, args
+        yield row
+
+
 def bench_kv_write(opts: Options, heads: dict, dtype, key):
     hkv, d, page_size = heads["num_kv_heads"], heads["head_dim"], opts.page_sizes[0]
     # A pool far larger than the write, so a copy of it per step would dominate the time and show.
@@ -404,13 +429,14 @@ COLUMNS = {
                "skipped"],
     "prefill": ["chunk", "prefix", "ours_s", "ours_tflops", "overlap_gain", "dense_s", "dense_tflops",
                 "tflops_vs_dense"],
+    "mixed": ["decodes", "context", "chunk", "ragged_s", "mixed_s", "mixed_speedup"],
     "kv_write": ["tokens", "seconds", "gb_per_s", "pool_bytes"],
     "sweep_decode": ["batch", "context", "variant", "seconds", "tb_per_s", "vs_tuned"],
     "sweep_prefill": ["chunk", "prefix", "variant", "seconds", "tflops", "vs_tuned"],
 }  # fmt: skip
 
 SECTIONS = dict(
-    hbm=bench_hbm, decode=bench_decode, prefill=bench_prefill, kv_write=bench_kv_write,
+    hbm=bench_hbm, decode=bench_decode, prefill=bench_prefill, mixed=bench_mixed, kv_write=bench_kv_write,
     sweep_decode=bench_sweep_decode, sweep_prefill=bench_sweep_prefill,
 )  # fmt: skip
 
@@ -494,6 +520,7 @@ def options_from_flags() -> Options:
             target_seconds=0.0,
             sweep_decode_shapes=((2, 40),),
             sweep_prefill_shapes=((24, 20),),
+            mixed_shapes=((3, 40, 24),),
             smoke=True,
         )
     return Options(
@@ -509,6 +536,9 @@ def options_from_flags() -> Options:
         jax_configs=tuple((k, p) for k in ints(FLAGS.jax_k_splits) for p in ints(FLAGS.jax_pages_per_block)),
         sweep_decode_shapes=_shapes(FLAGS.sweep_decode_shapes, "x"),
         sweep_prefill_shapes=_shapes(FLAGS.sweep_prefill_shapes, "+"),
+        mixed_shapes=tuple(
+            tuple(int(x) for x in spec.replace("+", "x").split("x")) for spec in FLAGS.mixed_shapes
+        ),
     )
 
 

@@ -1,6 +1,7 @@
 """Runs the Pallas kernels compiled for the GPU (not interpreted) against their jnp references on a handful
-of poisoned shapes, prints the max errors, and checks that a donated KV write compiles without a copy of the
-pool. Exits 1 if anything is off. One call validates a GPU machine:
+of poisoned shapes (the ragged cases also through the mixed-step split), prints the max errors, and checks
+that a donated KV write compiles without a copy of the pool. Exits 1 if anything is off. One call
+validates a GPU machine:
 
   python scripts/check_kernels_gpu.py
 """
@@ -18,6 +19,7 @@ from bench_kernels import paged_inputs  # the same directory; one case builder f
 
 from pallas_kernels import tuning
 from pallas_kernels.kv_write import write_kv, write_kv_reference
+from pallas_kernels.mixed_attention import mixed_paged_attention
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
@@ -60,10 +62,10 @@ def check_attention(kind: str, case, blocks) -> tuple[str, float, float]:
         q = jnp.concatenate([q, jnp.full((pad, *q.shape[1:]), jnp.nan, dtype)])
         args, kernel, reference = (
             (q, kp, vp, kv, pt, cu),
-            ragged_paged_attention,
+            mixed_paged_attention if kind == "mixed" else ragged_paged_attention,
             ragged_paged_attention_reference,
         )
-    got = jax.jit(functools.partial(kernel, blocks=blocks))(*args)
+    got = jax.jit(kernel if blocks is None else functools.partial(kernel, blocks=blocks))(*args)
     with jax.default_matmul_precision("highest"):  # the reference in full float32 on the GPU too
         want = jax.jit(reference)(*args)
     label = (
@@ -127,6 +129,7 @@ def main(argv):
             results.append(
                 check_attention(f"{kind}(stages=1)", case, dataclasses.replace(blocks, num_stages=1))
             )
+    results += [check_attention("mixed", case, None) for case in RAGGED]  # the tuned blocks of both kernels
     results += [check_kv_write(jnp.bfloat16), check_kv_write(jnp.float32)]
     failed = 0
     for label, err, tol in results:

@@ -28,7 +28,7 @@ def test_smoke_run_writes_every_section(bench, tmp_path):
     assert result["metadata"]["jax"] and result["metadata"]["device"]
     assert "--smoke" in result["metadata"]["command"]
     rows = {row["section"]: row for row in result["rows"]}
-    assert set(rows) == {"hbm", "decode", "prefill", "kv_write"}
+    assert set(rows) == {"hbm", "decode", "prefill", "mixed", "kv_write"}
     # Every variant ran (a string here would be a captured error) and the derived ratios were computed.
     for name in ("ours_s", "ours_stages1_s", "ours_ragged_s", "jax_s", "dense_s"):
         assert isinstance(rows["decode"][name], float), (name, rows["decode"][name])
@@ -37,6 +37,7 @@ def test_smoke_run_writes_every_section(bench, tmp_path):
     for name in ("ours_s", "ours_stages1_s", "dense_s"):
         assert isinstance(rows["prefill"][name], float), (name, rows["prefill"][name])
     assert rows["prefill"]["tflops_vs_dense"] > 0 and rows["kv_write"]["gb_per_s"] > 0
+    assert rows["mixed"]["mixed_speedup"] > 0, rows["mixed"]
     markdown = md_path.read_text()
     assert "### decode" in markdown and "### prefill" in markdown and "error" not in markdown
 

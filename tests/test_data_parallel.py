@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from jaxpage import LLM, SamplingParams, distributed
@@ -154,3 +156,44 @@ def test_a_stream_on_the_first_replica_keeps_its_outputs_across_a_data_parallel_
     outputs = [first, *stream]
     expected = one_engine.generate(PROMPTS[3], SamplingParams(max_tokens=10, temperature=0))[0]
     assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
+
+
+def test_a_failing_replica_stops_the_others_at_once_and_nothing_leaks(replicas, monkeypatch):
+    first, second = replicas.replicas
+    steps_before = first.engine.metrics().num_steps
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(second.engine, "step", broken_step)
+    # The first share would take ~150 steps: the failure must not wait for it (nor for a final output).
+    long = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="device lost"):
+        replicas.generate(PROMPTS[:4], long)
+    assert first.engine.metrics().num_steps - steps_before < 50
+    monkeypatch.undo()
+    for replica in replicas.replicas:
+        replica.engine.step()  # a step the overlap left in flight is read
+        assert not replica.engine.has_unfinished_requests()
+        assert replica.engine.pool.num_free_pages == replica.engine.pool.num_usable_pages
+
+
+def test_the_gather_to_the_first_process_goes_in_rounds_of_bounded_size(monkeypatch):
+    """Two processes simulated: each allgather returns this process's array and another's (here: [x, x + 0],
+    so both processes hold the same rows); rounds of 7 bytes split the JSON mid-token."""
+    from jax.experimental import multihost_utils
+
+    shapes = []
+
+    def allgather(x):
+        shapes.append(x.shape)
+        return np.stack([x, x])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    rows = [{"line": i, "text": "é" * i} for i in range(5)]
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert distributed.gather_to_first(rows, chunk_bytes=7) == rows + rows
+    assert set(shapes[1:]) == {(7,)} and len(shapes) > 10
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert distributed.gather_to_first(rows, chunk_bytes=7) is None

@@ -199,7 +199,8 @@ def test_the_kernels_run_per_device_on_their_heads(backend, step, decode_only):
     logits, pages_after = run(None)
     split_logits, split_pages = run(sharding.make_mesh(jax.devices()[:2]))
     np.testing.assert_allclose(split_logits, logits, atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(split_pages, pages_after, atol=1e-6)
+    # The K written is a projection whose column-split matmul XLA:CPU may block differently (last bits).
+    np.testing.assert_allclose(split_pages, pages_after, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -220,3 +221,38 @@ def test_the_kernels_run_per_device_on_their_heads(backend, step, decode_only):
 def test_a_split_that_cannot_be_made_names_the_field(binding, message):
     with pytest.raises(ValueError, match=message):
         LLM.from_gin(TINY, [binding])
+
+
+def test_a_mesh_is_never_made_over_fewer_devices_than_asked():
+    with pytest.raises(ValueError, match="tensor_parallel_size 16 needs that many devices; this process has"):
+        sharding.tensor_parallel_mesh(16)
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 does not match the 3 devices given"):
+        sharding.tensor_parallel_mesh(2, jax.devices()[:3])
+    assert sharding.tensor_parallel_mesh(4).devices.tolist() == jax.local_devices()[:4]
+
+
+def test_host_memory_counts_every_devices_copy_of_a_page():
+    """kv_host_cache_gib and swap_space_gib are host memory: a split page is the whole page once, a replicated
+    one (the tiny model's 2 KV heads over 4 devices) a whole page per device."""
+    sizes = ["EngineConfig.kv_host_cache_gib = 1e-3", "EngineConfig.preemption_mode = 'swap'"]
+    sizes += ["EngineConfig.swap_space_gib = 1e-3"]
+    pages = {}
+    for size in (1, 2, 4):
+        engine = LLM.from_gin(TINY, sizes + [f"EngineConfig.tensor_parallel_size = {size}"]).engine
+        pages[size] = (engine.store.host_capacity_pages, engine.scheduler.kv_cache.num_swap_pages)
+        engine.close()
+    assert pages[2] == pages[1]
+    assert pages[4] == (pages[1][0] // 4, pages[1][1] // 4)
+
+
+def test_a_checkpoint_that_cannot_be_split_fails_before_its_weights_load(monkeypatch):
+    from jaxpage import engine
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(engine, "load_model", load_model)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size 5 does not divide the model's intermediate_size"
+    ):
+        LLM(tensor_parallel_size=5)  # the embedded SmolLM2 GGUF: 1,536

@@ -4,10 +4,31 @@ from pathlib import Path
 
 from models import checkpoint
 from models.config import ModelConfig
-from models.loaders.gguf import load_gguf
-from models.loaders.hf import load_hf
+from models.loaders.gguf import gguf_config, load_gguf, read_gguf
+from models.loaders.hf import load_hf, read_hf_config
 
-__all__ = ["load_gguf", "load_hf", "load_model"]
+__all__ = ["load_gguf", "load_hf", "load_model", "read_model_config"]
+
+
+def read_model_config(path: str | Path, dtype: str = "float32") -> ModelConfig:
+    """The checkpoint's ModelConfig without its weights (config.json, or the GGUF header): what a caller
+    checks before a load that may take minutes."""
+    path = Path(path)
+    if _is_gguf(path):
+        metadata, tensors = read_gguf(path)  # the header only; tensor data stay in the mapped file
+        return gguf_config(metadata, tensors, path, dtype)
+    return read_hf_config(path, dtype)
+
+
+def _is_gguf(path: Path) -> bool:
+    """True for a .gguf file, False for a directory; a ValueError naming the path for anything else."""
+    if path.is_file() and path.suffix == ".gguf":
+        return True
+    if path.is_dir():
+        return False
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    raise ValueError(f"checkpoint {path} is neither a .gguf file nor an HF checkpoint directory")
 
 
 def load_model(
@@ -24,14 +45,7 @@ def load_model(
       (config, params): params is the nested dict of numpy arrays described in docs/architecture.md.
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        loader = load_gguf
-    elif path.is_dir():
-        loader = load_hf
-    elif not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    else:
-        raise ValueError(f"checkpoint {path} is neither a .gguf file nor an HF checkpoint directory")
+    loader = load_gguf if _is_gguf(path) else load_hf
     if cache_dir is None:
         return loader(path, dtype)
     key = checkpoint.source_key(path, dtype)

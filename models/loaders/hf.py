@@ -140,8 +140,8 @@ def _shard_of_each_tensor(directory: Path) -> dict[str, Path]:
         raise ValueError(f"{single}: unreadable safetensors file ({e})") from e
 
 
-def load_hf(directory: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """Loads an HF checkpoint directory into (config, param tree of numpy arrays in `dtype`)."""
+def read_hf_config(directory: str | Path, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory, from its config.json alone."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -150,7 +150,13 @@ def load_hf(directory: str | Path, dtype: str = "float32") -> tuple[ModelConfig,
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    cfg = hf_config(raw, config_path, dtype)
+    return hf_config(raw, config_path, dtype)
+
+
+def load_hf(directory: str | Path, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Loads an HF checkpoint directory into (config, param tree of numpy arrays in `dtype`)."""
+    directory = Path(directory)
+    cfg = read_hf_config(directory, dtype)
     shard_of = _shard_of_each_tensor(directory)
     names = _hf_names(cfg)
     wanted_by_file: dict[Path, list[str]] = {}
