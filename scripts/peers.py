@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Peer engine -> (its script under scripts/, its side venv).
-PEERS = {"vllm": ("peer_vllm.py", ".venv-vllm")}
+PEERS = {"vllm": ("peer_vllm.py", ".venv-vllm"), "llamacpp": ("peer_llamacpp.py", ".venv-llamacpp")}
 
 
 def check(names: list[str]) -> None:

@@ -40,7 +40,7 @@ def test_a_side_script_serves_the_requests_and_is_compared_with_the_engine(tmp_p
 
 
 def test_an_unknown_peer_or_an_unbuilt_venv_is_named_before_anything_runs(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown peer 'sglang'; known: \['vllm'\]"):
+    with pytest.raises(ValueError, match=r"unknown peer 'sglang'; known: \['llamacpp', 'vllm'\]"):
         peers.check(["sglang"])
     monkeypatch.setattr(peers, "ROOT", tmp_path)
     with pytest.raises(
