@@ -19,8 +19,12 @@ TORCH_CPU_INDEX ?=
 # --no-compile: Python compiles only the modules a run imports, on first import, instead of all of torch and
 # jax at install time (half of each venv's build).
 PIP_QUIET := --quiet --disable-pip-version-check --no-compile
-# The two venvs build side by side (`make test` needs both); --output-sync keeps each one's log together.
+# The venvs build side by side (`make test` and `make peers` need two); --output-sync keeps each one's log
+# together. Only for those: it holds a recipe's output until the recipe ends, which would keep `make demo`'s
+# answers back until the last one.
+ifneq ($(filter test peers,$(MAKECMDGOALS)),)
 MAKEFLAGS += --jobs=2 --output-sync=target
+endif
 
 .PHONY: demo test lint venv peers clean
 

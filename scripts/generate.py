@@ -63,7 +63,7 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
     flags.DEFINE_string("input", None, "JSONL file of requests.", required=True)
     flags.DEFINE_string("output", None, "JSONL file the results are written to.", required=True)
-    flags.DEFINE_bool("print_outputs", False, "Print every prompt and its answer when done.")
+    flags.DEFINE_bool("print_outputs", False, "Print each answer as soon as it is done.")
     flags.DEFINE_string(
         "coordinator_address", None,
         "host:port of the first process of a multi-process run (default $JAXPAGE_COORDINATOR_ADDRESS); "
@@ -276,14 +276,22 @@ def _json_line(row: dict) -> str:
 
 
 def serve_to_file(
-    llm: LLM, lines: Sequence[str | bytes], path: Path, progress: bool = False, first_line: int = 1
+    llm: LLM,
+    lines: Sequence[str | bytes],
+    path: Path,
+    progress: bool = False,
+    first_line: int = 1,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """`serve`, writing each row to `path` as it is final; once all are, rewrites `path` in input order."""
+    """`serve`, writing each row to `path` as it is final (and passing it to `on_row`); once all are, rewrites
+    `path` in input order."""
     with path.open("w", encoding="utf-8") as f:
 
         def write(row: dict) -> None:
             f.write(_json_line(row))
             f.flush()  # an interrupted or killed run keeps the rows it finished
+            if on_row is not None:
+                on_row(row)
 
         rows = serve(llm, lines, on_row=write, progress=progress, first_line=first_line)
     write_rows(rows, path)
@@ -321,14 +329,9 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def _print_outputs(rows: list[dict]) -> None:
-    for row in rows:
-        print(f"=== {row['id']} ===")
-        if "error" in row:
-            print(f"error: {row['error']}")
-        else:
-            print(row["outputs"][0]["text"].strip())
-        print()
+def _print_row(row: dict) -> None:
+    answer = f"error: {row['error']}" if "error" in row else row["outputs"][0]["text"].strip()
+    tqdm.write(f"=== {row['id']} ===\n{answer}\n")  # above the progress bar, not through it
 
 
 def main(argv):
@@ -377,9 +380,12 @@ def main(argv):
         output_path if num_processes == 1 else output_path.with_name(f"{output_path.name}.process{process}")
     )
     try:
+        # One process prints each answer as it is done; several print them all from the first, at the end.
+        print_now = FLAGS.print_outputs and num_processes == 1
         rows = serve_to_file(
-            llm, lines[share.start : share.stop], own_path, progress=True, first_line=share.start + 1
-        )
+            llm, lines[share.start : share.stop], own_path, progress=True, first_line=share.start + 1,
+            on_row=_print_row if print_now else None,
+        )  # fmt: skip
     except KeyboardInterrupt:
         print(f"\ninterrupted: {own_path} holds the finished rows, in completion order", file=sys.stderr)
         sys.exit(130)
@@ -396,8 +402,9 @@ def main(argv):
         f"wrote {len(rows)} results ({num_errors} errors) to {output_path}; config in {config_path}",
         file=sys.stderr,
     )
-    if FLAGS.print_outputs:
-        _print_outputs(rows)
+    if FLAGS.print_outputs and num_processes > 1:
+        for row in rows:
+            _print_row(row)
 
 
 if __name__ == "__main__":

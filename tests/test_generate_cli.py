@@ -378,3 +378,20 @@ def test_a_null_field_is_an_absent_one(llm):
     line = '{"prompt": "hi", "messages": null, "max_tokens": null, "stop": null}'
     (row,) = generate_script.serve(llm, [line])
     assert "error" not in row and len(row["outputs"][0]["token_ids"]) == 16  # the default max_tokens
+
+
+def test_printed_answers_come_as_each_is_done(llm, tmp_path, capsys):
+    lines = [
+        json.dumps({"id": "long", "prompt": "Hello there", "max_tokens": 30, "ignore_eos": True}),
+        json.dumps({"id": "short", "prompt": "Hello again", "max_tokens": 1, "temperature": 0}),
+    ]
+    printed_before_the_end = []
+
+    def print_row(row):
+        generate_script._print_row(row)
+        printed_before_the_end.append(row["id"])
+
+    rows = generate_script.serve_to_file(llm, lines, tmp_path / "out.jsonl", on_row=print_row)
+    assert printed_before_the_end == ["short", "long"] and [row["id"] for row in rows] == ["long", "short"]
+    out = capsys.readouterr().out
+    assert out.index("=== short ===") < out.index("=== long ===")
