@@ -41,8 +41,13 @@ _SUFFIX = ".kv"
 
 
 def _result(future: concurrent.futures.Future):
-    """A disk read's page, or None if the read failed (the page is then a miss)."""
-    if future.cancelled() or future.exception() is not None:
+    """A disk read's page, or None if the read failed (the page is then a miss, and the failure is logged: a
+    damaged file is already a miss without one, so this is something else, such as staging it to the host)."""
+    if future.cancelled():
+        return None
+    error = future.exception()
+    if error is not None:
+        logger.warning("KV disk tier: reading a page failed; it is a miss", exc_info=error)
         return None
     return future.result()
 

@@ -417,3 +417,19 @@ def test_pages_move_to_pinned_host_memory_and_back_and_reserving_it_changes_noth
     for (k, v), (k0, v0) in zip(pool, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(k)[:, [2, 1, 3]], k0[:, [1, 3, 4]])
         np.testing.assert_array_equal(np.asarray(v)[:, [0, 4]], v0[:, [0, 4]])
+
+
+def test_a_read_that_fails_is_a_logged_miss(tmp_path, caplog):
+    store = KVStore(1, DiskTier(str(tmp_path), 16, FINGERPRINT))
+    for i, key in enumerate(KEYS[:3]):
+        store.save(key, page(i))
+    store.disk.flush()  # pages 0-1 are files now, page 2 in host memory
+
+    def stage(data):
+        raise RuntimeError("pinned host memory exhausted")
+
+    store.stage = stage
+    with caplog.at_level("WARNING", logger="jaxpage.kv_tiers"):
+        assert store.lookup(KEYS[:3], limit=3) == []  # the first page's read failed: nothing after it counts
+    assert "reading a page failed" in caplog.text and "pinned host memory exhausted" in caplog.text
+    store.close()
