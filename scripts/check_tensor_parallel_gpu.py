@@ -12,21 +12,14 @@ exits 1 when one parts where that gap is above `tie` nats (not a near-tie).
 import re
 import sys
 
+import check_overlap_gpu  # the same directory
 import jax
 import numpy as np
 
 from jaxpage import LLM, SamplingParams
 
-BINDINGS = [
-    "ModelConfig.num_layers = 2",
-    'EngineConfig.dtype = "float32"',
-    "EngineConfig.num_pages = 4096",
-    "EngineConfig.max_num_seqs = 32",
-    "EngineConfig.seq_buckets = (32,)",
-    "EngineConfig.token_buckets = (1024,)",
-    "EngineConfig.max_num_batched_tokens = 1024",
-    "EngineConfig.overlap_steps = False",  # the same schedule in both runs
-]
+# check_overlap_gpu's two-layer float32 8B shapes, one step schedule for both runs.
+BINDINGS = [*check_overlap_gpu.BINDINGS, "EngineConfig.overlap_steps = False"]
 
 
 def collectives(hlo: str) -> dict[str, int]:

@@ -3,6 +3,7 @@ parameters and the pool are split as documented, and a step's program holds the 
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from models.config import ModelConfig
 
 TINY = ["configs/tiny_test.gin"]
 _check = Path(__file__).resolve().parent.parent / "scripts" / "check_tensor_parallel_gpu.py"
+sys.path.insert(0, str(_check.parent))  # as when run: the script imports its sibling modules
 _spec = importlib.util.spec_from_file_location("check_tensor_parallel_gpu", _check)
 check_tensor_parallel_gpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_tensor_parallel_gpu)
