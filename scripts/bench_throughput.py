@@ -281,7 +281,10 @@ def main(argv):
         # HF runs in a second process while the engine holds its memory: by default JAX takes 75% of a GPU
         # up front, which would leave HF's 8B weights and KV cache too little. Half, before JAX starts.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
-    peers.check(FLAGS.peers)
+    try:  # before the engine is built: a mistake costs nothing
+        peers.check(FLAGS.peers)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     gin_files = FLAGS.gin_file or [str(ROOT / "configs" / "smollm2_135m.gin")]
     setup = gin_config.parse(gin_files, FLAGS.gin_bindings)
     start = time.perf_counter()
