@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION_BACKENDS = ("auto", "blocked", "reference", "pallas", "pallas_interpret")
+_ATTENTION_BACKENDS = ("auto", "cpu_kernel", "blocked", "reference", "pallas", "pallas_interpret")
 _PREEMPTION_MODES = ("recompute", "swap")
 _KV_ALLOCATIONS = ("paged", "reserved")
 
@@ -65,7 +65,8 @@ class EngineConfig:
     token_buckets: tuple[int, ...] = (16, 64, 256, 512)
     seq_buckets: tuple[int, ...] = (4, 16, 64)
     page_buckets: tuple[int, ...] = (8, 32, 128, 512)  # pages per row of the page table
-    attention_backend: str = "auto"  # "auto": pallas on GPU, the blocked pure-jnp attention elsewhere
+    # "auto": pallas on GPU; on CPU the C++ kernel (float32, where a C++ compiler builds it), else "blocked"
+    attention_backend: str = "auto"
     # JAX's persistent compilation cache, and converted weights; None turns either off. The defaults lie under
     # user_cache_dir(), never relative, so the working directory does not decide where caches are written.
     compilation_cache_dir: str | None = dataclasses.field(

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxpage.batch import Bucket, BucketGrid, StepInputs, padding_inputs
 from jaxpage.compilation_cache import enable_compilation_cache
-from jaxpage.config import EngineConfig
+from jaxpage.config import EngineConfig, user_cache_dir
 from jaxpage.kv_memory import allocate_kv_pool, free_device_bytes, pool_pages
 from jaxpage.sampling import (
     Penalties,
@@ -40,6 +40,7 @@ from jaxpage.sampling import (
 from models import llama, sharding
 from models.attention import AttentionMetadata
 from models.config import ModelConfig
+from pallas_kernels import cpu_attention
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,26 @@ FORWARD_FIELDS = (
 )
 
 
-def resolve_attention_backend(name: str) -> str:
-    """The backend "auto" stands for: the Pallas kernels on GPU, the blocked pure-jnp attention elsewhere."""
-    if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "blocked"
-    return name
+def resolve_attention_backend(name: str, dtype: str = "float32") -> str:
+    """The backend "auto" stands for: the Pallas kernels on GPU; on CPU the C++ kernel for a float32 pool
+    where it builds (pallas_kernels.cpu_attention), else the blocked pure-jnp attention."""
+    on_cpu = jax.default_backend() == "cpu"
+    if name == "auto" and not on_cpu:
+        return "pallas"
+    wants_kernel = name == "cpu_kernel" or (name == "auto" and dtype == "float32")
+    if wants_kernel and cpu_attention.load(user_cache_dir() / "kernels"):
+        if name == "cpu_kernel" and (not on_cpu or dtype != "float32"):
+            raise ValueError(
+                f"engine config field attention_backend 'cpu_kernel' runs float32 on the CPU, got dtype "
+                f"{dtype!r} on {jax.default_backend()!r}"
+            )
+        return "cpu_kernel"
+    if name == "cpu_kernel":
+        raise ValueError(
+            "engine config field attention_backend 'cpu_kernel' could not be built (a C++ compiler, $CXX, is "
+            "needed; the log says why); 'blocked' needs none"
+        )
+    return "blocked" if name == "auto" else name
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, tensor_parallel_size: int = 1) -> int:
@@ -158,7 +174,8 @@ class Runner:
         self.engine_config = engine_config
         self.page_size = engine_config.page_size
         self.num_top_logprobs = engine_config.max_logprobs
-        self.attention_backend = resolve_attention_backend(engine_config.attention_backend)
+        backend = engine_config.attention_backend
+        self.attention_backend = resolve_attention_backend(backend, model_config.dtype)
         max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
         # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
         self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")

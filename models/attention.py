@@ -1,7 +1,8 @@
 """Paged attention for one layer: write the step's K/V into the pool, then attend over pages.
 
-The one switch between the backends lives here: "blocked" (pure jnp, the CPU path), "reference" (the simple
-pure-jnp oracle), "pallas" (the GPU kernels) and "pallas_interpret" (the kernels in Pallas' interpreter).
+The one switch between the backends lives here: "cpu_kernel" (the C++ kernel for XLA:CPU, the CPU path where
+it builds), "blocked" (pure jnp), "reference" (the simple pure-jnp oracle), "pallas" (the GPU kernels) and
+"pallas_interpret" (the kernels in Pallas' interpreter).
 """
 
 import functools
@@ -12,12 +13,17 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
+from pallas_kernels.cpu_attention import ragged_paged_attention_cpu
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
-BACKENDS = ("blocked", "reference", "pallas", "pallas_interpret")
-# The pure-jnp attentions; both write K/V with the reference scatter, which XLA does in place.
+BACKENDS = ("cpu_kernel", "blocked", "reference", "pallas", "pallas_interpret")
+# The attentions of XLA's own ops (and the CPU kernel beside them); they write K/V with the reference scatter,
+# which XLA does in place.
 _JNP_ATTENTION = {"blocked": ragged_paged_attention_blocked, "reference": ragged_paged_attention_reference}
+# "cpu_kernel" takes steps of up to this many tokens per row (decode, and steps with short prompt chunks); a
+# step with longer chunks takes the blocked attention, whose XLA products run prefill ~2x faster.
+CPU_KERNEL_TOKENS_PER_ROW = 2
 
 
 class AttentionMetadata(NamedTuple):
@@ -54,7 +60,7 @@ def paged_attention(
     check_backend(backend)
     # The decode kernel takes the rows' queries only (row b's token is at index b); the tokens past the rows
     # are padding (the bucket may hold more tokens than rows): zeros, discarded.
-    decode_kernel = decode_only and backend not in _JNP_ATTENTION
+    decode_kernel = decode_only and backend in ("pallas", "pallas_interpret")
     num_rows = metadata.kv_lens.shape[0]
     attend = functools.partial(_write_and_attend, backend=backend, decode_kernel=decode_kernel)
     if mesh is not None and mesh.size > 1:
@@ -76,11 +82,12 @@ def paged_attention(
 
 def _write_and_attend(q, k, v, kv_pages, metadata: AttentionMetadata, *, backend: str, decode_kernel: bool):
     k_pages, v_pages = kv_pages
-    if backend in _JNP_ATTENTION:
+    if backend == "cpu_kernel" or backend in _JNP_ATTENTION:
         k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
-        out = _JNP_ATTENTION[backend](
-            q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens
-        )
+        attend = _JNP_ATTENTION.get(backend, ragged_paged_attention_blocked)
+        if backend == "cpu_kernel" and q.shape[0] <= CPU_KERNEL_TOKENS_PER_ROW * metadata.kv_lens.shape[0]:
+            attend = ragged_paged_attention_cpu
+        out = attend(q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens)
         return out, (k_pages, v_pages)
     # Imported here so that CPU-only users never load the Triton lowering.
     from pallas_kernels.kv_write import write_kv
