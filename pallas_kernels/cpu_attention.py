@@ -32,6 +32,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fP
 
 _log = logging.getLogger(__name__)
 _loaded: Path | None = None
+_vectorized = False  # the build has the AVX-512 path
 
 
 def compiler() -> str | None:
@@ -77,7 +78,7 @@ def _build(target: Path, cxx: str) -> None:
 def load(cache_dir: str | os.PathLike) -> bool:
     """Builds (once per machine and source) and registers the kernel; True when it can be called. Failures
     (no compiler, a compile error) are logged and give False: callers fall back to the jnp attention."""
-    global _loaded
+    global _loaded, _vectorized
     if _loaded is not None:
         return True
     cxx = compiler()
@@ -95,7 +96,15 @@ def load(cache_dir: str | os.PathLike) -> bool:
         _log.warning("the CPU attention kernel is off: %s", error)
         return False
     _loaded = path
+    _vectorized = bool(library.JaxpageCpuAttentionVectorized())
     return True
+
+
+def fast_for_prefill(page_size: int, head_dim: int) -> bool:
+    """Whether the kernel outruns the blocked jnp attention on prefill chunks too, not only in decode: its
+    AVX-512 path (pages of 16, head_dim 64 or 128) does (a 512-token chunk 3.8 against 6.7 ms), the portable
+    loops do not (~1.4x slower)."""
+    return _vectorized and page_size == 16 and head_dim in (64, 128)
 
 
 def ragged_paged_attention_cpu(
