@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from test_ragged_paged_attention import make_paged_case
 
+from jaxpage.config import user_cache_dir
 from models.attention import AttentionMetadata, paged_attention
+from pallas_kernels import cpu_attention
 from pallas_kernels.blocked_attention import ragged_paged_attention_blocked
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
@@ -120,27 +122,30 @@ def test_bad_block_sizes_raise():
         ragged_paged_attention_blocked(*args, pages_per_block=-1)
 
 
-def test_blocked_backend_writes_and_attends_like_the_reference():
-    # The model-facing switch: K/V written at the slots, then the step's tokens attend, for both backends.
+@pytest.mark.parametrize("backend", ["blocked", "cpu_kernel"])
+def test_backend_writes_and_attends_like_the_reference(backend):
+    # The model-facing switch: K/V written at the slots, then the step's tokens attend. Up to 2 tokens per
+    # row, so the CPU kernel serves the step on every CPU (tests/test_cpu_attention.py).
+    if backend == "cpu_kernel" and not cpu_attention.load(user_cache_dir() / "kernels"):
+        pytest.skip("no C++ compiler on this machine")
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens = make_case(
-        3, q_lens=[4, 1], kv_lens=[4, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+        3, q_lens=[2, 1], kv_lens=[4, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
         extra_pages=2, padding=1,
     )  # fmt: skip
     k_pages, v_pages = jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages)
-    positions = np.array([0, 1, 2, 3, 19, 0])
-    rows = np.array([0, 0, 0, 0, 1])
-    slots = np.zeros(6, np.int32)
-    slots[:5] = np.asarray(page_table)[rows, positions[:5] // 8] * 8 + positions[:5] % 8
+    positions = np.array([2, 3, 19, 0])
+    rows = np.array([0, 0, 1])
+    slots = np.zeros(4, np.int32)
+    slots[:3] = np.asarray(page_table)[rows, positions[:3] // 8] * 8 + positions[:3] % 8
     metadata = AttentionMetadata(jnp.asarray(slots), cu_q_lens, kv_lens, page_table)
     rng = np.random.default_rng(4)
-    k, v = (jnp.asarray(rng.standard_normal((6, 2, 16)), jnp.float32) for _ in range(2))
-    outs = {
-        backend: jax.jit(functools.partial(paged_attention, backend=backend))(
-            jnp.nan_to_num(q), k, v, (k_pages, v_pages), metadata
-        )
-        for backend in ("blocked", "reference")
-    }
-    (out, pool), (want, want_pool) = outs["blocked"], outs["reference"]
+    k, v = (jnp.asarray(rng.standard_normal((4, 2, 16)), jnp.float32) for _ in range(2))
+    args = (jnp.nan_to_num(q), k, v, (k_pages, v_pages), metadata)
+    step = jax.jit(functools.partial(paged_attention, backend=backend))
+    out, pool = step(*args)
+    want, want_pool = jax.jit(functools.partial(paged_attention, backend="reference"))(*args)
+    if backend == "cpu_kernel":
+        assert cpu_attention.TARGET in step.lower(*args).as_text()
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-6, rtol=2e-5)
     for got, expected in zip(pool, want_pool, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))

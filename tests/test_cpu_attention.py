@@ -13,7 +13,6 @@ from test_ragged_paged_attention import make_paged_case
 from jaxpage import LLM, SamplingParams
 from jaxpage.config import user_cache_dir
 from jaxpage.runner import resolve_attention_backend
-from models.attention import AttentionMetadata, paged_attention
 from pallas_kernels import cpu_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
@@ -92,39 +91,6 @@ def test_other_dtypes_are_refused_by_name():
     )  # fmt: skip
     with pytest.raises(ValueError, match="float32 k_pages, got bfloat16"):
         cpu_attention.ragged_paged_attention_cpu(q, k_pages.astype(jnp.bfloat16), v_pages, *rest)
-
-
-def test_backend_writes_and_attends_like_the_reference():
-    # The model-facing switch, a step short enough for the kernel (up to 2 tokens per row): K/V written at the
-    # slots, then the step's tokens attend.
-    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens = make_paged_case(
-        3, q_lens=[2, 1], kv_lens=[4, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
-        dtype=jnp.float32, num_tokens=4, extra_pages=2,
-    )  # fmt: skip
-    k_pages, v_pages = jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages)
-    positions = np.array([2, 3, 19, 0])
-    rows = np.array([0, 0, 1])
-    slots = np.zeros(4, np.int32)
-    slots[:3] = np.asarray(page_table)[rows, positions[:3] // 8] * 8 + positions[:3] % 8
-    metadata = AttentionMetadata(jnp.asarray(slots), cu_q_lens, kv_lens, page_table)
-    rng = np.random.default_rng(4)
-    k, v = (jnp.asarray(rng.standard_normal((4, 2, 16)), jnp.float32) for _ in range(2))
-    outs = {
-        backend: jax.jit(functools.partial(paged_attention, backend=backend))(
-            jnp.nan_to_num(q), k, v, (k_pages, v_pages), metadata
-        )
-        for backend in ("cpu_kernel", "reference")
-    }
-    (out, pool), (want, want_pool) = outs["cpu_kernel"], outs["reference"]
-    assert (
-        "jaxpage_ragged_paged_attention_f32"
-        in jax.jit(functools.partial(paged_attention, backend="cpu_kernel"))
-        .lower(q, k, v, (k_pages, v_pages), metadata)
-        .as_text()
-    )
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-6, rtol=2e-5)
-    for got, expected in zip(pool, want_pool, strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_auto_takes_the_kernel_for_float32_only():
