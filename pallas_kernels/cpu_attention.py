@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -33,6 +34,8 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fP
 _log = logging.getLogger(__name__)
 _loaded: Path | None = None
 _vectorized = False  # the build has the AVX-512 path
+_load_lock = threading.Lock()  # data-parallel replicas build their runners in threads
+_failed_with: str | None = None  # the compiler whose build failed: every engine would otherwise retry it
 
 
 def compiler() -> str | None:
@@ -78,15 +81,22 @@ def _build(target: Path, cxx: str) -> None:
 def load(cache_dir: str | os.PathLike) -> bool:
     """Builds (once per machine and source) and registers the kernel; True when it can be called. Failures
     (no compiler, a compile error) are logged and give False: callers fall back to the jnp attention."""
-    global _loaded, _vectorized
+    with _load_lock:
+        return _load(Path(cache_dir))
+
+
+def _load(cache_dir: Path) -> bool:
+    global _loaded, _vectorized, _failed_with
     if _loaded is not None:
         return True
     cxx = compiler()
     if cxx is None:
         _log.warning("no C++ compiler found (set CXX): the CPU attention kernel is off")
         return False
+    if cxx == _failed_with:
+        return False
     try:
-        path = _library_path(Path(cache_dir), cxx)
+        path = _library_path(cache_dir, cxx)
         if not path.exists():
             _build(path, cxx)
         library = ctypes.cdll.LoadLibrary(str(path))
@@ -94,6 +104,7 @@ def load(cache_dir: str | os.PathLike) -> bool:
         jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _log.warning("the CPU attention kernel is off: %s", error)
+        _failed_with = cxx
         return False
     _loaded = path
     _vectorized = bool(library.JaxpageCpuAttentionVectorized())

@@ -111,7 +111,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_kernel_is_a_clear_error(monk
         resolve_attention_backend("cpu_kernel", "float32")
 
 
-def test_a_compile_error_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
+def test_a_compile_error_is_logged_and_falls_back_once(monkeypatch, tmp_path, caplog):
     # A compiler that fails: nothing half-written is left in the cache directory.
     failing = tmp_path / "failing-c++"
     failing.write_text(
@@ -119,10 +119,15 @@ def test_a_compile_error_is_logged_and_falls_back(monkeypatch, tmp_path, caplog)
     )
     failing.chmod(0o755)
     monkeypatch.setattr(cpu_attention, "_loaded", None)
+    monkeypatch.setattr(cpu_attention, "_failed_with", None)
     monkeypatch.setenv("CXX", str(failing))
     assert not cpu_attention.load(tmp_path / "kernels")
     assert "boom" in caplog.text
     assert list((tmp_path / "kernels").iterdir()) == []
+    # The next engine does not build again with the compiler that failed.
+    failing.write_text("#!/bin/sh\nexit 99\n")
+    caplog.clear()
+    assert not cpu_attention.load(tmp_path / "kernels") and caplog.text == ""
 
 
 def test_greedy_outputs_equal_the_blocked_backend():
