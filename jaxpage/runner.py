@@ -60,16 +60,16 @@ FORWARD_FIELDS = (
 def resolve_attention_backend(name: str, dtype: str = "float32") -> str:
     """The backend "auto" stands for: the Pallas kernels on GPU; on CPU the C++ kernel for a float32 pool
     where it builds (pallas_kernels.cpu_attention), else the blocked pure-jnp attention."""
-    on_cpu = jax.default_backend() == "cpu"
-    if name == "auto" and not on_cpu:
+    platform = jax.default_backend()
+    if name == "auto" and platform == "gpu":
         return "pallas"
-    wants_kernel = name == "cpu_kernel" or (name == "auto" and dtype == "float32")
+    if name == "cpu_kernel" and (platform != "cpu" or dtype != "float32"):
+        raise ValueError(
+            f"engine config field attention_backend 'cpu_kernel' runs float32 on the CPU, got dtype "
+            f"{dtype!r} on {platform!r}"
+        )
+    wants_kernel = name == "cpu_kernel" or (name == "auto" and platform == "cpu" and dtype == "float32")
     if wants_kernel and cpu_attention.load(user_cache_dir() / "kernels"):
-        if name == "cpu_kernel" and (not on_cpu or dtype != "float32"):
-            raise ValueError(
-                f"engine config field attention_backend 'cpu_kernel' runs float32 on the CPU, got dtype "
-                f"{dtype!r} on {jax.default_backend()!r}"
-            )
         return "cpu_kernel"
     if name == "cpu_kernel":
         raise ValueError(
@@ -177,8 +177,12 @@ class Runner:
         backend = engine_config.attention_backend
         self.attention_backend = resolve_attention_backend(backend, model_config.dtype)
         max_model_len = engine_config.max_model_len or model_config.max_position_embeddings
-        # Decode-only steps take the decode kernel; the jnp backends treat every step alike.
-        self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret")
+        # Decode-only steps take the decode kernel (and the CPU kernel's portable loops, which serve decode
+        # only); the jnp backends, and the CPU kernel's AVX-512 path, treat every step alike.
+        self.uses_decode_kernel = self.attention_backend in ("pallas", "pallas_interpret") or (
+            self.attention_backend == "cpu_kernel"
+            and not cpu_attention.fast_for_prefill(engine_config.page_size, model_config.head_dim)
+        )
         self.grid = BucketGrid(
             engine_config.token_buckets,
             engine_config.seq_buckets,

@@ -21,10 +21,6 @@ BACKENDS = ("cpu_kernel", "blocked", "reference", "pallas", "pallas_interpret")
 # The attentions of XLA's own ops (and the CPU kernel beside them); they write K/V with the reference scatter,
 # which XLA does in place.
 _JNP_ATTENTION = {"blocked": ragged_paged_attention_blocked, "reference": ragged_paged_attention_reference}
-# Where the CPU kernel's portable loops serve (no AVX-512, or other page or head sizes), they take steps of
-# up to this many tokens per row (decode); longer prompt chunks take the blocked attention, whose XLA
-# products run prefill ~1.4x faster than those loops.
-CPU_KERNEL_TOKENS_PER_ROW = 2
 
 
 class AttentionMetadata(NamedTuple):
@@ -54,7 +50,9 @@ def paged_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # (f[T, Hq, head_dim], updated kv_pages)
     """`decode_only` (static) promises that every row has at most one token, row b's at index b, as in a
     decode step; the Pallas backends then run the decode kernel, which reads each row's pages once for all of
-    a KV head's query heads instead of the ragged kernel's per-token blocks.
+    a KV head's query heads instead of the ragged kernel's per-token blocks. "cpu_kernel" runs the C++ kernel
+    on decode steps, and on the others too where it has its AVX-512 path (`cpu_attention.fast_for_prefill`);
+    its portable loops are slower than the blocked jnp attention on prompt chunks.
 
     `mesh`: the heads (of q, k, v and the pages) are split over its one axis; every device writes and attends
     over its own heads (each KV head's query heads travel with it), with the step's metadata on all."""
@@ -63,7 +61,9 @@ def paged_attention(
     # are padding (the bucket may hold more tokens than rows): zeros, discarded.
     decode_kernel = decode_only and backend in ("pallas", "pallas_interpret")
     num_rows = metadata.kv_lens.shape[0]
-    attend = functools.partial(_write_and_attend, backend=backend, decode_kernel=decode_kernel)
+    attend = functools.partial(
+        _write_and_attend, backend=backend, decode_kernel=decode_kernel, decode_only=decode_only
+    )
     if mesh is not None and mesh.size > 1:
         heads = PartitionSpec(None, mesh.axis_names[0])  # [T, H, head_dim]
         pages = PartitionSpec(mesh.axis_names[0])  # [Hkv, num_pages, page_size, head_dim]
@@ -81,14 +81,15 @@ def paged_attention(
     return out, kv_pages
 
 
-def _write_and_attend(q, k, v, kv_pages, metadata: AttentionMetadata, *, backend: str, decode_kernel: bool):
+def _write_and_attend(
+    q, k, v, kv_pages, metadata: AttentionMetadata, *, backend: str, decode_kernel: bool, decode_only: bool
+):
     k_pages, v_pages = kv_pages
     if backend == "cpu_kernel" or backend in _JNP_ATTENTION:
         k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
         attend = _JNP_ATTENTION.get(backend, ragged_paged_attention_blocked)
         if backend == "cpu_kernel" and (
-            cpu_attention.fast_for_prefill(k_pages.shape[2], k_pages.shape[3])
-            or q.shape[0] <= CPU_KERNEL_TOKENS_PER_ROW * metadata.kv_lens.shape[0]
+            decode_only or cpu_attention.fast_for_prefill(k_pages.shape[2], k_pages.shape[3])
         ):
             attend = cpu_attention.ragged_paged_attention_cpu
         out = attend(q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens)

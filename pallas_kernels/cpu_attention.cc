@@ -294,6 +294,16 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       cu_q_lens.element_count() != p.B + 1 || p.P == 0 || p.ps == 0) {
     return ffi::Error::InvalidArgument("cpu ragged paged attention: inconsistent shapes");
   }
+  auto od = out->dimensions();
+  if (!std::equal(qd.begin(), qd.end(), od.begin(), od.end())) {
+    return ffi::Error::InvalidArgument("cpu ragged paged attention: the output's shape is not q's");
+  }
+  // Overlapping token ranges would have two threads write the same rows; the engine never sends them.
+  for (int64_t b = 0; b < td[0]; ++b) {
+    if (cu_q_lens.typed_data()[b + 1] < cu_q_lens.typed_data()[b]) {
+      return ffi::Error::InvalidArgument("cpu ragged paged attention: cu_q_lens must not decrease");
+    }
+  }
   p.group = p.Hq / p.Hkv;
   p.q = q.typed_data(), p.k = k_pages.typed_data(), p.v = v_pages.typed_data();
   p.kv_lens = kv_lens.typed_data(), p.page_table = page_table.typed_data();

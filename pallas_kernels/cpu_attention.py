@@ -72,6 +72,12 @@ def _build(target: Path, cxx: str) -> None:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        # mkstemp's 0600 would keep other users of a shared cache directory from loading it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a crash after the rename leaves the whole library, not an empty file
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -97,14 +103,23 @@ def _load(cache_dir: Path) -> bool:
         return False
     try:
         path = _library_path(cache_dir, cxx)
-        if not path.exists():
-            _build(path, cxx)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        try:
+            library = ctypes.cdll.LoadLibrary(str(path)) if path.exists() else None
+        except OSError as error:  # damaged or unreadable: built again below
+            _log.warning("rebuilding the CPU attention kernel, %s did not load: %s", path, error)
+            path.unlink(missing_ok=True)
+            library = None
+        if library is None:
+            try:
+                _build(path, cxx)
+            except (RuntimeError, subprocess.SubprocessError):
+                _failed_with = cxx  # the same compiler would fail the same way for every engine
+                raise
+            library = ctypes.cdll.LoadLibrary(str(path))
         handler = jax.ffi.pycapsule(library.JaxpageRaggedPagedAttentionF32)
         jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _log.warning("the CPU attention kernel is off: %s", error)
-        _failed_with = cxx
         return False
     _loaded = path
     _vectorized = bool(library.JaxpageCpuAttentionVectorized())

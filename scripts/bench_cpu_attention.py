@@ -99,6 +99,8 @@ def main(argv):
         row = {"case": text, "kv_gb": kv_gb}
         for name, fn in impls.items():
             error = float(np.max(np.abs(np.asarray(fn(*args_list[0])) - expected)))
+            if not error < 1e-4:  # NaN included
+                raise SystemExit(f"{name} differs from the reference by {error} on case {text!r}")
             ms = time_calls(fn, args_list, FLAGS.calls)
             row[name] = {"ms": ms, "gb_per_s": kv_gb / ms * 1e3, "max_abs_error": error}
         results.append(row)

@@ -122,26 +122,28 @@ def test_bad_block_sizes_raise():
         ragged_paged_attention_blocked(*args, pages_per_block=-1)
 
 
-@pytest.mark.parametrize("backend", ["blocked", "cpu_kernel"])
-def test_backend_writes_and_attends_like_the_reference(backend):
-    # The model-facing switch: K/V written at the slots, then the step's tokens attend. Up to 2 tokens per
-    # row, so the CPU kernel serves the step on every CPU (tests/test_cpu_attention.py).
+# The blocked path on a 4-token chunk; the CPU kernel on a decode step, which it serves on every CPU.
+@pytest.mark.parametrize("backend,first_len", [("blocked", 4), ("cpu_kernel", 1)])
+def test_backend_writes_and_attends_like_the_reference(backend, first_len):
+    # The model-facing switch: K/V written at the slots, then the step's tokens attend.
     if backend == "cpu_kernel" and not cpu_attention.load(user_cache_dir() / "kernels"):
         pytest.skip("no C++ compiler on this machine")
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens = make_case(
-        3, q_lens=[2, 1], kv_lens=[4, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+        3, q_lens=[first_len, 1], kv_lens=[4, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
         extra_pages=2, padding=1,
     )  # fmt: skip
     k_pages, v_pages = jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages)
-    positions = np.array([2, 3, 19, 0])
-    rows = np.array([0, 0, 1])
-    slots = np.zeros(4, np.int32)
-    slots[:3] = np.asarray(page_table)[rows, positions[:3] // 8] * 8 + positions[:3] % 8
+    num_tokens = first_len + 2
+    positions = np.array([*range(4 - first_len, 4), 19, 0])
+    rows = np.array([0] * first_len + [1])
+    slots = np.zeros(num_tokens, np.int32)
+    real = num_tokens - 1
+    slots[:real] = np.asarray(page_table)[rows, positions[:real] // 8] * 8 + positions[:real] % 8
     metadata = AttentionMetadata(jnp.asarray(slots), cu_q_lens, kv_lens, page_table)
     rng = np.random.default_rng(4)
-    k, v = (jnp.asarray(rng.standard_normal((4, 2, 16)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((num_tokens, 2, 16)), jnp.float32) for _ in range(2))
     args = (jnp.nan_to_num(q), k, v, (k_pages, v_pages), metadata)
-    step = jax.jit(functools.partial(paged_attention, backend=backend))
+    step = jax.jit(functools.partial(paged_attention, backend=backend, decode_only=backend == "cpu_kernel"))
     out, pool = step(*args)
     want, want_pool = jax.jit(functools.partial(paged_attention, backend="reference"))(*args)
     if backend == "cpu_kernel":

@@ -3,6 +3,9 @@ request owns, in the null page and in the queries of padding tokens; page ids pe
 than the longest request), its build and fallback, and the engine's choice of backend."""
 
 import functools
+import os
+import platform
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -93,12 +96,17 @@ def test_other_dtypes_are_refused_by_name():
         cpu_attention.ragged_paged_attention_cpu(q, k_pages.astype(jnp.bfloat16), v_pages, *rest)
 
 
-def test_auto_takes_the_kernel_for_float32_only():
+def test_auto_takes_the_kernel_for_float32_only(monkeypatch):
     assert resolve_attention_backend("auto", "float32") == "cpu_kernel"
     assert resolve_attention_backend("auto", "bfloat16") == "blocked"
     assert resolve_attention_backend("blocked", "float32") == "blocked"
     with pytest.raises(ValueError, match="attention_backend 'cpu_kernel' runs float32 on the CPU, got dtype"):
         resolve_attention_backend("cpu_kernel", "bfloat16")
+    # Another platform: "auto" is Pallas on GPU only, and the CPU kernel is refused before anything builds.
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert resolve_attention_backend("auto", "float32") == "blocked"
+    with pytest.raises(ValueError, match="got dtype 'float32' on 'tpu'"):
+        resolve_attention_backend("cpu_kernel", "float32")
 
 
 def test_without_a_compiler_auto_falls_back_and_cpu_kernel_is_a_clear_error(monkeypatch, tmp_path, caplog):
@@ -130,14 +138,60 @@ def test_a_compile_error_is_logged_and_falls_back_once(monkeypatch, tmp_path, ca
     assert not cpu_attention.load(tmp_path / "kernels") and caplog.text == ""
 
 
-def test_greedy_outputs_equal_the_blocked_backend():
-    # The tiny model end to end, decode and chunked prefill, with each CPU backend.
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_attention, "_loaded", None)
+    # This process registered the kernel already; a second library may not take the name.
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *args, **kwargs: None)
+    path = cpu_attention._library_path(tmp_path, cpu_attention.compiler())
+    path.write_bytes(b"")  # what a crash before the data reached the disk would leave
+    assert cpu_attention.load(tmp_path)
+    assert "did not load" in caplog.text and path.stat().st_size > 0
+    # Readable by the other users of a shared cache directory, as the umask allows.
+    assert path.stat().st_mode & 0o777 == 0o755 & ~_umask()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _kernel_programs(llm) -> dict[str, bool]:
+    """Which compiled forward programs of the engine call the kernel, by their (bucket, kind)."""
+    programs = llm.engine.runner._forward_programs
+    return {f"{key}": cpu_attention.TARGET in program.as_text() for key, program in programs.items()}
+
+
+# The tiny model's heads (16 wide, pages of 8) take the portable loops, on decode steps only (prompt chunks
+# keep the blocked attention); head_dim 64 with pages of 16 takes the AVX-512 path where it is built, on
+# every step. Decode and chunked prefill, each with both CPU backends.
+@pytest.mark.parametrize("shape", [[], ["ModelConfig.head_dim = 64", "EngineConfig.page_size = 16"]])
+def test_greedy_outputs_equal_the_blocked_backend_and_the_kernel_runs(shape):
     prompts = [[5, 9, 2, 7] * 9, [3, 1, 4, 1, 5, 9, 2, 6], [8] * 50]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outputs = {}
     for backend in ("cpu_kernel", "blocked"):
-        llm = LLM.from_gin(["configs/tiny_test.gin"], [f'EngineConfig.attention_backend = "{backend}"'])
+        bindings = [*shape, f'EngineConfig.attention_backend = "{backend}"']
+        llm = LLM.from_gin(["configs/tiny_test.gin"], bindings)
         assert llm.engine.runner.attention_backend == backend
         outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        calls = _kernel_programs(llm)
+        if backend == "blocked":
+            assert not any(calls.values())
+        elif cpu_attention.fast_for_prefill(*((16, 64) if shape else (8, 16))):
+            assert calls and all(calls.values())
+        else:
+            assert {key: called for key, called in calls.items() if called} == {
+                key: True for key in calls if "decode" in key
+            } and any(calls.values())
         llm.engine.close()
     assert outputs["cpu_kernel"] == outputs["blocked"]
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="x86-64 Linux only"
+)
+def test_the_avx512_path_is_built_where_the_cpu_has_it():
+    # -march=native: a build that silently left the vector path out would pass every other test.
+    has_avx512 = " avx512f " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    assert cpu_attention.fast_for_prefill(16, 64) == has_avx512
