@@ -87,11 +87,12 @@ def _write_and_attend(
     k_pages, v_pages = kv_pages
     if backend == "cpu_kernel" or backend in _JNP_ATTENTION:
         k_pages, v_pages = write_kv_reference(k, v, k_pages, v_pages, metadata.slot_mapping)
-        attend = _JNP_ATTENTION.get(backend, ragged_paged_attention_blocked)
-        if backend == "cpu_kernel" and (
-            decode_only or cpu_attention.fast_for_prefill(k_pages.shape[2], k_pages.shape[3])
-        ):
+        if backend != "cpu_kernel":
+            attend = _JNP_ATTENTION[backend]
+        elif decode_only or cpu_attention.fast_for_prefill(k_pages.shape[2], k_pages.shape[3]):
             attend = cpu_attention.ragged_paged_attention_cpu
+        else:  # prompt chunks without the kernel's AVX-512 path
+            attend = ragged_paged_attention_blocked
         out = attend(q, k_pages, v_pages, metadata.kv_lens, metadata.page_table, metadata.cu_q_lens)
         return out, (k_pages, v_pages)
     # Imported here so that CPU-only users never load the Triton lowering.

@@ -68,7 +68,7 @@ def ragged_paged_attention_reference(
     *,
     sm_scale: float | None = None,
 ) -> jax.Array:  # q.dtype[T, num_q_heads, head_dim]; rows of padding tokens are 0
-    """Pure-jnp ragged paged attention: the CPU path and the oracle for the Pallas kernel."""
+    """Pure-jnp ragged paged attention: the oracle for the Pallas, blocked and CPU kernels."""
     check_ragged_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
