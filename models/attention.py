@@ -37,6 +37,11 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# Jitted so that a step program traces, lowers and compiles its layers' attention once rather than once per
+# layer (every layer calls it with the same shapes). With `models.llama`'s cheaper parameter lookups, warm-up
+# of the 8B's 24 buckets on an H200 fell from 171 s to 55 s wall (from 1,215 to 289 thread-seconds of tracing
+# and compiling). XLA inlines the call: the pool is still updated in place, and the steps run as fast.
+@functools.partial(jax.jit, static_argnames=("backend", "decode_only", "mesh"))
 def paged_attention(
     q: jax.Array,  # f[T, Hq, head_dim], rotary already applied
     k: jax.Array,  # f[T, Hkv, head_dim], rotary already applied

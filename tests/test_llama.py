@@ -154,3 +154,19 @@ def test_bad_config_and_pool_are_named():
         dataclasses.replace(TINY, dtype="int8")
     with pytest.raises(ValueError, match="num_pages"):
         init_kv_pool(TINY, 1, PAGE_SIZE)
+
+
+def test_a_parameter_of_the_wrong_shape_is_named():
+    params = init_params(TINY, jax.random.key(0))
+    d, width = params["layers_1"]["wk"].shape
+    params["layers_1"]["wk"] = params["layers_1"]["wk"][:, :-1]
+    tokens = np.zeros(3, np.int32)
+    message = rf"parameter /layers_1/wk has shape \({d}, {width - 1}\), expected \({d}, {width}\)"
+    with pytest.raises(ValueError, match=message):
+        run_chunks(params, TINY, tokens, [3], page_ids=[1])
+
+
+def test_random_parameters_are_the_same_on_a_one_device_mesh():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("tp",))
+    plain, on_mesh = init_params(TINY, jax.random.key(4)), init_params(TINY, jax.random.key(4), mesh)
+    jax.tree.map(np.testing.assert_array_equal, plain, on_mesh)
