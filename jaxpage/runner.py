@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from jaxpage.batch import Bucket, BucketGrid, StepInputs, padding_inputs
 from jaxpage.compilation_cache import enable_compilation_cache
 from jaxpage.config import EngineConfig, user_cache_dir
+from jaxpage.executable_store import ExecutableStore, environment
 from jaxpage.kv_memory import allocate_kv_pool, free_device_bytes, pool_pages
 from jaxpage.sampling import (
     Penalties,
@@ -221,6 +223,23 @@ class Runner:
         # Keyed by (bucket, forward kind) and by (rows, variant, history width, top logprobs).
         self._forward_programs: dict[tuple[Bucket, str], jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
+        # Whole compiled programs beside JAX's cache: a warm start loads them without tracing them.
+        self.executable_store = None
+        if engine_config.compilation_cache_dir is not None:
+            devices = list(mesh.devices.flat)
+            self.executable_store = ExecutableStore(
+                Path(engine_config.compilation_cache_dir) / "jaxpage-executables",
+                environment(devices),
+                devices,
+            )
+        # Besides the arguments' shapes, what the traced functions read from this runner.
+        self._program_context = (
+            model_config,
+            engine_config,
+            self.attention_backend,
+            self.num_token_ids,
+            self.max_rows,
+        )
 
     @property
     def warmed_up(self) -> bool:
@@ -268,7 +287,8 @@ class Runner:
         args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
         if kind == _ALL_LOGITS:
             args.append(self._on_devices(inputs.prompt_logprob_targets))
-        return self._forward_jits[kind].lower(*map(_abstract, args)).compile()
+        abstract = list(map(_abstract, args))
+        return self._compile(("forward", kind, abstract), lambda: self._forward_jits[kind].lower(*abstract))
 
     def _compile_sampler(
         self, num_rows: int, variant: str, history_width: int, k: int
@@ -279,10 +299,22 @@ class Runner:
         inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
         if variant == _GREEDY:
             banned = _abstract(self._on_devices(inputs.banned_token_ids))
-            return self._greedy_jit.lower(logits, banned, num_top_logprobs=k).compile()
+            return self._compile(
+                ("greedy", logits, banned, k),
+                lambda: self._greedy_jit.lower(logits, banned, num_top_logprobs=k),
+            )
         rows = _abstract(self._on_devices(_sampling_rows(inputs)))
         penalties = _abstract(self._on_devices(_penalties(inputs))) if variant == _PENALISED else None
-        return self._sample_jit.lower(logits, rows, _abstract(self._base_key), k, penalties).compile()
+        key = _abstract(self._base_key)
+        return self._compile(
+            ("sample", logits, rows, key, k, penalties),
+            lambda: self._sample_jit.lower(logits, rows, key, k, penalties),
+        )
+
+    def _compile(self, description: tuple, lower) -> jax.stages.Compiled:
+        if self.executable_store is None:
+            return lower().compile()
+        return self.executable_store.compiled((self._program_context, description), lower)
 
     def _on_devices(self, tree):
         """Host arrays of a step, put on every device of the mesh."""

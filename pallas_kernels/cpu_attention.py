@@ -44,7 +44,8 @@ def compiler() -> str | None:
     return next((found for name in names if (found := shutil.which(name))), None)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags, which decide what a program compiled for it may use."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -57,7 +58,7 @@ def _cpu_flags() -> str:
 def _library_path(cache_dir: Path, cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS), version, jaxlib.__version__, _cpu_flags()):
+    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS), version, jaxlib.__version__, cpu_flags()):
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir / f"cpu_attention-{key.hexdigest()[:16]}.so"
 

@@ -3,6 +3,7 @@ whose entries were cut short or corrupted: never trusted, and repaired."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,6 +90,8 @@ def test_damaged_compilation_cache_entries_are_recompiled_and_replaced(tmp_path)
     for index, entry in enumerate(entries):  # cut short by a killed write, or corrupted on disk
         damage = (_truncate, _flip, lambda data: b"")[index % 3]
         entry.write_bytes(damage(entry.read_bytes()))
+    # Without it, the step programs would load from the executable store, never asking JAX's cache.
+    shutil.rmtree(cache / "jaxpage-executables")
     again, stderr = _generate(cache)
     assert again == tokens
     # Deleted before JAX read them (it would warn on every start, never replacing them), then written afresh.
