@@ -15,7 +15,7 @@ that came from JAX's cache is used as it is and not stored (its next start trace
 An entry is one file, written under a temporary name and renamed (a reader sees all of it or nothing), with a
 SHA-256 of its contents: a damaged one is deleted and its program compiled again. Loading one runs native code
 it holds, as JAX's own cache does: the directory must be writable only by people trusted to run code here.
-Entries are used least recently first deleted once the directory holds more than `max_bytes`.
+The least recently used entries are deleted once the directory holds more than `max_bytes`.
 """
 
 import functools
@@ -27,6 +27,7 @@ import os
 import pickle
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,9 +67,12 @@ def _source_digest() -> str:
 
 @functools.cache
 def _versions() -> tuple[tuple[str, str], ...]:
-    # jax, jaxlib and the GPU plugins (jax-cuda13-plugin, ...), and Flax, which traces the model.
+    # jax, jaxlib and the GPU plugins (jax-cuda13-plugin, ...), the CUDA libraries they load (nvidia-*), and
+    # Flax, which traces the model.
     names = {dist.metadata["Name"] for dist in importlib.metadata.distributions()}
-    wanted = sorted(n for n in names if n and (n.lower().startswith("jax") or n.lower() == "flax"))
+    wanted = sorted(
+        n for n in names if n and (n.lower().startswith(("jax", "nvidia-")) or n.lower() == "flax")
+    )
     return tuple((name, importlib.metadata.version(name)) for name in wanted)
 
 
@@ -82,8 +86,9 @@ def environment(devices: list) -> dict:
         "platform": [client.platform, client.platform_version],
         "devices": [[device.id, device.device_kind] for device in devices],
         "cpu": cpu_attention.cpu_flags() if client.platform == "cpu" else None,
+        # The C++ kernel's build (source, flags, compiler): whether it has its AVX-512 path decides programs.
+        "cpu_kernel": cpu_attention.build_identity(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "jax_config": sorted((name, repr(value)) for name, value in jax.config.values.items()),
     }
 
 
@@ -94,50 +99,70 @@ class ExecutableStore:
     def __init__(
         self, directory: str | os.PathLike, environment: dict, devices: list, max_bytes: int = 2**31
     ):
+        """Raises OSError if `directory` cannot be made (the caller then goes without a store)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._environment = repr(sorted(environment.items())).encode()
         self._devices = devices
+        self._lock = threading.Lock()  # warm-up loads and stores from several threads
         self.num_loaded = 0
         self.num_stored = 0
+        self._paths: dict[int, Path] = {}  # id of each program loaded from here -> its entry
         self._prune(max_bytes)
 
     def _prune(self, max_bytes: int) -> None:
         entries = []
-        for path in self.directory.glob(f"*{_SUFFIX}"):
+        for path in self.directory.iterdir():
             try:
                 stat = path.stat()
-            except FileNotFoundError:  # another process deleted it meanwhile
+                if path.suffix == ".tmp" and stat.st_mtime < time.time() - 3600:
+                    path.unlink()  # left by a writer killed an hour ago or more
+                elif path.suffix == _SUFFIX:
+                    entries.append((stat.st_mtime, stat.st_size, path))
+            except OSError:  # deleted by another process meanwhile, or a read-only directory
                 continue
-            entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries, key=lambda entry: entry[0]):
             if total <= max_bytes:
                 break
-            path.unlink(missing_ok=True)
+            _unlink(path)
             total -= size
 
     def compiled(self, description: object, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
         """The program `description` names (its repr must say everything that shapes it besides the
         environment): loaded if stored, else `lower().compile()`, stored if XLA compiled it here."""
-        # The thread's matmul precision (a context the caller may have set) shapes the program too.
-        key = hashlib.sha256(
-            self._environment + repr((description, jax.config.jax_default_matmul_precision)).encode()
-        ).hexdigest()
+        # JAX's settings as this thread sees them (a context the caller set, matmul precision above all)
+        # shape the program too.
+        settings = sorted((name, repr(value)) for name, value in jax.config.values.items())
+        precision = jax.config.jax_default_matmul_precision
+        name = repr((description, settings, precision)).encode()
+        key = hashlib.sha256(self._environment + name).hexdigest()
         path = self.directory / f"{key}{_SUFFIX}"
         program = self._load(path)
         if program is not None:
-            self.num_loaded += 1
             try:
                 os.utime(path)  # used now: the last to be pruned
             except OSError:
                 pass
+            with self._lock:
+                self.num_loaded += 1
+                self._paths[id(program)] = path
             return program
         hits_before = getattr(_local, "cache_hits", 0)
         program = lower().compile()
         if getattr(_local, "cache_hits", 0) == hits_before:
             self._store(path, program)
         return program
+
+    def discard(self, program: jax.stages.Compiled) -> bool:
+        """Deletes the entry `program` was loaded from (it failed to run); False if it was not loaded here."""
+        with self._lock:
+            path = self._paths.pop(id(program), None)
+        if path is None:
+            return False
+        logger.warning("executable store: deleting %s, which failed to run", path.name)
+        _unlink(path)
+        return True
 
     def _load(self, path: Path) -> jax.stages.Compiled | None:
         try:
@@ -158,13 +183,13 @@ class ExecutableStore:
             )
         except Exception as error:  # a damaged or foreign entry is compiled again, never fatal
             logger.warning("executable store: deleting %s, which did not load: %s", path.name, error)
-            path.unlink(missing_ok=True)
+            _unlink(path)
             return None
 
     def _store(self, path: Path, program: jax.stages.Compiled) -> None:
         try:
             body = pickle.dumps(serialize_executable.serialize(program))
-        except (ValueError, NotImplementedError) as error:  # a program JAX cannot serialize stays unstored
+        except Exception as error:  # one JAX cannot serialize (a host callback, say) is used unstored
             logger.debug("executable store: %s not stored: %s", path.name, error)
             return
         try:
@@ -183,4 +208,12 @@ class ExecutableStore:
         except OSError as error:  # a full or read-only disk costs the next start its time, nothing else
             logger.warning("executable store: cannot write %s: %s", path.name, error)
             return
-        self.num_stored += 1
+        with self._lock:
+            self.num_stored += 1
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:  # a read-only directory: the entry stays, and is skipped or pruned later
+        logger.warning("executable store: cannot delete %s: %s", path.name, error)

@@ -227,11 +227,11 @@ class Runner:
         self.executable_store = None
         if engine_config.compilation_cache_dir is not None:
             devices = list(mesh.devices.flat)
-            self.executable_store = ExecutableStore(
-                Path(engine_config.compilation_cache_dir) / "jaxpage-executables",
-                environment(devices),
-                devices,
-            )
+            directory = Path(engine_config.compilation_cache_dir) / "jaxpage-executables"
+            try:
+                self.executable_store = ExecutableStore(directory, environment(devices), devices)
+            except OSError as error:  # a read-only cache: every start traces its programs, as without one
+                logger.warning("no executable store in %s: %s", directory, error)
         # Besides the arguments' shapes, what the traced functions read from this runner.
         self._program_context = (
             model_config,
@@ -414,16 +414,52 @@ class Runner:
             for key, future in samplers.items():
                 self._sample_programs[key] = future.result()
         # Each program's first run costs more than later ones (on the CPU ~0.2 s more for a 128-token step
-        # of SmolLM2): run every new forward once on padding, which writes only the null page.
-        for bucket, kind in forwards:
-            inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
-            args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
-            if kind == _ALL_LOGITS:
-                args.append(self._on_devices(inputs.prompt_logprob_targets))
-            logits, self.kv_pool = self._forward_programs[(bucket, kind)](*args)
-            jax.block_until_ready(logits)
+        # of SmolLM2): run every new program once on padding (a forward writes only the null page).
+        for key in forwards:
+            self._run_once(key, self._forward_programs, self._compile_forward, self._run_forward_on_padding)
+        for key in sorted(sampler_keys):
+            self._run_once(key, self._sample_programs, self._compile_sampler, self._run_sampler_on_padding)
         self._warmed_up = True
         return seconds
+
+    def _run_once(self, key: tuple, programs: dict, compile_fn, run) -> None:
+        """Runs `programs[key]` on padding; one the executable store loaded that fails to run is deleted
+        there and compiled again, so that a bad entry costs one start its time, never the engine."""
+        try:
+            run(key, programs[key])
+        except Exception:
+            if self.executable_store is None or not self.executable_store.discard(programs[key]):
+                raise
+            # A forward that failed may have taken the pool (donated) with it; at warm-up it holds nothing.
+            if any(page.is_deleted() for layer in self.kv_pool for page in layer):
+                bytes_per_page = kv_bytes_per_page(self.model_config, self.page_size, self.mesh.size)
+                self.kv_pool = allocate_kv_pool(
+                    self.model_config, self.num_pages, self.page_size, bytes_per_page, self.mesh
+                )
+            programs[key] = compile_fn(*key)
+            run(key, programs[key])
+
+    def _run_forward_on_padding(self, key: tuple[Bucket, str], program: jax.stages.Compiled) -> None:
+        bucket, kind = key
+        inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
+        args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
+        if kind == _ALL_LOGITS:
+            args.append(self._on_devices(inputs.prompt_logprob_targets))
+        logits, self.kv_pool = program(*args)
+        jax.block_until_ready(logits)
+
+    def _run_sampler_on_padding(self, key: tuple[int, str, int, int], program: jax.stages.Compiled) -> None:
+        num_rows, variant, history_width, _ = key
+        logits = jax.device_put(
+            np.zeros((num_rows, self.model_config.vocab_size), np.float32), self._logits_sharding
+        )
+        inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
+        if variant == _GREEDY:
+            out = program(logits, self._on_devices(inputs.banned_token_ids))
+        else:
+            penalties = self._on_devices(_penalties(inputs)) if variant == _PENALISED else None
+            out = program(logits, self._on_devices(_sampling_rows(inputs)), self._base_key, penalties)
+        jax.block_until_ready(out)
 
     # ---- one step ------------------------------------------------------------------------------------------
 

@@ -127,6 +127,11 @@ def _load(cache_dir: Path) -> bool:
     return True
 
 
+def build_identity() -> str | None:
+    """The loaded kernel's file name, which hashes its source, flags, compiler and CPU; None if not loaded."""
+    return None if _loaded is None else _loaded.name
+
+
 def fast_for_prefill(page_size: int, head_dim: int) -> bool:
     """Whether the kernel outruns the blocked jnp attention on prefill chunks too, not only in decode: its
     AVX-512 path (pages of 16, head_dim 64 or 128) does (a 512-token chunk 3.8 against 6.7 ms), the portable

@@ -14,9 +14,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxpage import executable_store
+from jaxpage.config import EngineConfig
 from jaxpage.executable_store import ExecutableStore
+from jaxpage.runner import Runner
+from models.config import ModelConfig
+from models.llama import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +36,13 @@ bindings = [
 ]
 llm = jaxpage.LLM.from_gin(["configs/tiny_test.gin"], bindings)
 llm.engine.warmup()
-outputs = llm.generate(["Hello there", "The capital of"], SamplingParams(max_tokens=8, temperature=0))
+# Greedy, seeded sampling and penalties: every sampler variant's program runs.
+params = [
+    SamplingParams(max_tokens=8, temperature=0),
+    SamplingParams(max_tokens=8, temperature=0.8, seed=3),
+    SamplingParams(max_tokens=8, temperature=0.8, seed=4, repetition_penalty=1.3),
+]
+outputs = llm.generate(["Hello there", "The capital of", "Once upon"], params)
 store = llm.engine.runner.executable_store
 print(json.dumps([[o.outputs[0].token_ids for o in outputs], store.num_loaded, store.num_stored]))
 """
@@ -99,7 +110,64 @@ def test_the_name_covers_the_source_the_environment_and_the_description(tmp_path
     ExecutableStore(tmp_path, executable_store.environment(devices), devices).compiled(("program", 1), lower)
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
     ExecutableStore(tmp_path, executable_store.environment(devices), devices).compiled(("program", 1), lower)
-    assert len(calls) == 4
+    monkeypatch.undo()
+    with jax.default_matmul_precision("highest"):  # a setting of this thread's
+        loaded.compiled(("program", 1), lower)
+    assert len(calls) == 5
+    loaded.compiled(("program", 1), lower)
+    assert len(calls) == 5
+
+
+TINY = ModelConfig(
+    vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2,
+    head_dim=8, max_position_embeddings=64,
+)  # fmt: skip
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """A compilation cache of the test's own, and JAX's as it was afterwards."""
+    previous = jax.config.jax_compilation_cache_dir
+    yield tmp_path / "jax"
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+def _runner(cache_dir) -> Runner:
+    config = EngineConfig(
+        page_size=4, num_pages=16, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=32,
+        token_buckets=(8,), seq_buckets=(4,), page_buckets=(8,), attention_backend="reference",
+        compilation_cache_dir=str(cache_dir),
+    )  # fmt: skip
+    return Runner(TINY, init_params(TINY, jax.random.key(0)), config)
+
+
+def test_a_stored_program_that_fails_to_run_is_deleted_and_compiled_again(cache_dir):
+    _runner(cache_dir).warmup()
+    runner = _runner(cache_dir)
+    runner.warmup()
+    store = runner.executable_store
+    assert store.num_loaded > 0
+    key, loaded = next(iter(runner._forward_programs.items()))
+    entry = store._paths[id(loaded)]
+
+    def broken(*args):  # as an executable whose code is missing fails
+        raise RuntimeError("Function fusion not found")
+
+    store._paths[id(broken)] = entry
+    runner._forward_programs[key] = broken
+    runner._run_once(key, runner._forward_programs, runner._compile_forward, runner._run_forward_on_padding)
+    assert not entry.exists()
+    assert runner._forward_programs[key] is not broken
+    assert not any(page.is_deleted() for layer in runner.kv_pool for page in layer)
+
+
+def test_a_cache_directory_it_cannot_write_leaves_the_runner_without_a_store(cache_dir, caplog):
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "jaxpage-executables").write_text("a file where the store's directory would go")
+    runner = _runner(cache_dir)
+    assert runner.executable_store is None and "no executable store" in caplog.text
+    runner.warmup()
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[:10], lambda b: b[:-1] + bytes([b[-1] ^ 1]), lambda b: b""])
