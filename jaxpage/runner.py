@@ -450,9 +450,8 @@ class Runner:
 
     def _run_sampler_on_padding(self, key: tuple[int, str, int, int], program: jax.stages.Compiled) -> None:
         num_rows, variant, history_width, _ = key
-        logits = jax.device_put(
-            np.zeros((num_rows, self.model_config.vocab_size), np.float32), self._logits_sharding
-        )
+        shape = (num_rows, self.model_config.vocab_size)
+        logits = jnp.zeros(shape, jnp.float32, device=self._logits_sharding)  # made there, not sent
         inputs = padding_inputs(Bucket(num_rows, num_rows, 1), history_width)
         if variant == _GREEDY:
             out = program(logits, self._on_devices(inputs.banned_token_ids))
