@@ -65,6 +65,11 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+# Read at import, when Python reads the modules (the kernels' lazily imported ones are beside them): a file
+# edited during a long warm-up is then not taken for the source this process runs.
+_source_digest()
+
+
 @functools.cache
 def _versions() -> tuple[tuple[str, str], ...]:
     # jax, jaxlib and the GPU plugins (jax-cuda13-plugin, ...), the CUDA libraries they load (nvidia-*), and
