@@ -127,7 +127,7 @@ class ExecutableStore:
             except OSError:  # deleted by another process meanwhile, or a read-only directory
                 continue
         total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries, key=lambda entry: entry[0]):
+        for _, size, path in sorted(entries):  # oldest first
             if total <= max_bytes:
                 break
             _unlink(path)
@@ -136,11 +136,10 @@ class ExecutableStore:
     def compiled(self, description: object, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
         """The program `description` names (its repr must say everything that shapes it besides the
         environment): loaded if stored, else `lower().compile()`, stored if XLA compiled it here."""
-        # JAX's settings as this thread sees them (a context the caller set, matmul precision above all)
+        # JAX's settings as this thread sees them (with a context the caller set, matmul precision above all)
         # shape the program too.
         settings = sorted((name, repr(value)) for name, value in jax.config.values.items())
-        precision = jax.config.jax_default_matmul_precision
-        name = repr((description, settings, precision)).encode()
+        name = repr((description, settings)).encode()
         key = hashlib.sha256(self._environment + name).hexdigest()
         path = self.directory / f"{key}{_SUFFIX}"
         program = self._load(path)
