@@ -8,6 +8,7 @@ The pool is donated, so XLA updates it in place. Page lists are padded to a powe
 0), so only a few shapes are ever compiled.
 """
 
+import concurrent.futures
 import functools
 from typing import NamedTuple
 
@@ -98,7 +99,7 @@ class _Memories(NamedTuple):
 def _memories(kv_pool: KVPool) -> _Memories:
     pool = kv_pool[0][0].sharding
     if not isinstance(pool, NamedSharding):  # a pool on one device, made outside a mesh
-        (device,) = kv_pool[0][0].devices()
+        (device,) = pool.device_set
         pool = NamedSharding(Mesh(np.asarray([device]), ("tp",)), PartitionSpec())
     heads = pool.spec[0] if pool.spec else None
     return _Memories(
@@ -221,6 +222,51 @@ def shift_tokens(kv_pool: KVPool, moves: np.ndarray, inv_freq: np.ndarray) -> KV
     return kv_pool
 
 
+def _null_pages(limit: int) -> list[np.ndarray]:  # each size `_padded` gives moves of 1 .. limit pages
+    return list({len(p): p for p in (_padded([0] * n) for n in range(1, limit + 1))}.values())
+
+
+def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:
+    # A committed array's sharding is part of what a call is compiled for; an uncommitted one's is not.
+    return jax.ShapeDtypeStruct(
+        array.shape, array.dtype, sharding=array.sharding if array.committed else None
+    )
+
+
+def compile_moves(
+    kv_pool: KVPool,
+    max_copies: int,
+    max_swap_pages: int,
+    max_tier_pages: int = 0,
+    inv_freq: np.ndarray | None = None,
+    num_threads: int = 4,
+) -> None:
+    """Compiles, `num_threads` at a time, the moves `warmup` runs with the same arguments, so that its runs
+    find them compiled. It reads only the pool's shapes and shardings, never its buffers, so it may run on
+    another thread while steps donate the pool (warm-up compiles these beside the step programs)."""
+    pool = jax.tree.map(_abstract, kv_pool)
+
+    def ids(page_ids: np.ndarray) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(page_ids.shape, np.int32)
+
+    jobs = [(_copy, (pool, ids(null), ids(null))) for null in _null_pages(max_copies)]
+    for null in _null_pages(max_swap_pages):
+        data = jax.eval_shape(_gather, pool, ids(null))
+        jobs += [(_gather, (pool, ids(null))), (_scatter, (pool, ids(null), data))]
+    memories = _memories(kv_pool)
+    for null in _null_pages(max_tier_pages):
+        pages = jax.eval_shape(_gather_to_host(len(pool), len(null), memories), pool, ids(null))
+        jobs += [
+            (_gather_to_host(len(pool), len(null), memories), (pool, ids(null))),
+            (_scatter_from_host(len(pool), len(null), memories), (pool, ids(null), pages)),
+        ]
+    if inv_freq is not None:
+        moves = jax.ShapeDtypeStruct((5, SHIFT_PIECE), np.int32)
+        jobs.append((_shift, (pool, moves, jax.ShapeDtypeStruct(np.shape(inv_freq), np.float32))))
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as threads:
+        list(threads.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+
+
 def warmup(
     kv_pool: KVPool,
     max_copies: int,
@@ -231,17 +277,14 @@ def warmup(
     """Compiles the moves of every padded size a step can ask for (up to `max_copies` copy-on-write copies,
     gathers and scatters of up to `max_swap_pages` pages for swaps and of `max_tier_pages` for the tiers; 0:
     none; and, given the model's `inv_freq`, the shift of tokens) by running them on the null page, which
-    changes nothing visible. Returns the pool (the argument is donated)."""
-
-    def null_pages(limit: int) -> list[np.ndarray]:  # each size `_padded` gives moves of 1 .. limit pages
-        return list({len(p): p for p in (_padded([0] * n) for n in range(1, limit + 1))}.values())
-
-    for null in null_pages(max_copies):
+    changes nothing visible (those `compile_moves` compiled already are only run). Returns the pool (the
+    argument is donated)."""
+    for null in _null_pages(max_copies):
         kv_pool = _copy(kv_pool, null, null)
-    for null in null_pages(max_swap_pages):
+    for null in _null_pages(max_swap_pages):
         # Swapped-out pages come back from numpy (host swap space), as `scatter_pages` gets them.
         kv_pool = _scatter(kv_pool, null, np.asarray(_gather(kv_pool, null)))
-    for null in null_pages(max_tier_pages):
+    for null in _null_pages(max_tier_pages):
         memories = _memories(kv_pool)
         pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
         scatter = _scatter_from_host(len(kv_pool), len(null), memories)

@@ -38,30 +38,37 @@ class DecoderLayer(nn.Module):
     attention: str
     decode_only: bool = False  # see models.attention.paged_attention
     heads_mesh: Mesh | None = None  # attention split over heads across this mesh (models.sharding)
+    only_parameters: bool = False  # declare the parameters (init) and compute nothing: see `init_params`
 
     @nn.compact
     def __call__(self, x, positions, kv_pages, metadata: AttentionMetadata):
         cfg = self.cfg
         dt = cfg.jnp_dtype
-        d, hd = cfg.hidden_size, cfg.head_dim
+        d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         q_width, kv_width = cfg.num_q_heads * hd, cfg.num_kv_heads * hd
 
         def param(name, shape, init=_init):
             return _param(self, name, shape, dt, init)
 
-        h = rms_norm(x, param("attn_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
-        q, k, v = (
-            h @ param("wq", (d, q_width)),
-            h @ param("wk", (d, kv_width)),
-            h @ param("wv", (d, kv_width)),
-        )
+        attn_norm = param("attn_norm", (d,), nn.initializers.ones)
+        wq, wk, wv = param("wq", (d, q_width)), param("wk", (d, kv_width)), param("wv", (d, kv_width))
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
-            q, k, v = (
-                q + param("bq", (q_width,), zeros),
-                k + param("bk", (kv_width,), zeros),
-                v + param("bv", (kv_width,), zeros),
+            bq, bk, bv = (
+                param("bq", (q_width,), zeros),
+                param("bk", (kv_width,), zeros),
+                param("bv", (kv_width,), zeros),
             )
+        wo = param("wo", (q_width, d))
+        mlp_norm = param("mlp_norm", (d,), nn.initializers.ones)
+        w_gate, w_up, w_down = param("w_gate", (d, f)), param("w_up", (d, f)), param("w_down", (f, d))
+        if self.only_parameters:
+            return x, kv_pages
+
+        h = rms_norm(x, attn_norm, cfg.rms_norm_eps)
+        q, k, v = h @ wq, h @ wk, h @ wv
+        if cfg.qkv_bias:
+            q, k, v = q + bq, k + bk, v + bv
         num_tokens = x.shape[0]
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(q.reshape(num_tokens, cfg.num_q_heads, hd), positions, inv_freq)
@@ -71,11 +78,8 @@ class DecoderLayer(nn.Module):
             q, k, v, kv_pages, metadata, backend=self.attention, decode_only=self.decode_only,
             mesh=self.heads_mesh,
         )  # fmt: skip
-        x = x + out.reshape(num_tokens, q_width) @ param("wo", (q_width, d))
-
-        h = rms_norm(x, param("mlp_norm", (d,), nn.initializers.ones), cfg.rms_norm_eps)
-        f = cfg.intermediate_size
-        x = x + swiglu(h, param("w_gate", (d, f)), param("w_up", (d, f)), param("w_down", (f, d)))
+        x = x + out.reshape(num_tokens, q_width) @ wo
+        x = x + swiglu(rms_norm(x, mlp_norm, cfg.rms_norm_eps), w_gate, w_up, w_down)
         return x, kv_pages
 
 
@@ -84,31 +88,34 @@ class Llama(nn.Module):
     attention: str = "reference"
     decode_only: bool = False  # see models.attention.paged_attention
     mesh: Mesh | None = None  # tensor parallelism: the parameters and the pool are split over it
+    only_parameters: bool = False  # declare the parameters (init) and compute nothing: see `init_params`
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool: KVPool, metadata: AttentionMetadata, logits_indices):
         cfg = self.cfg
         dt = cfg.jnp_dtype
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), dt)
-        x = jnp.take(embed, token_ids, axis=0)
+        x = None if self.only_parameters else jnp.take(embed, token_ids, axis=0)
         new_pool = []
         shards_heads = self.mesh is not None and sharding.shards_heads(cfg, self.mesh.size)
         heads_mesh = self.mesh if shards_heads else None
         # A Python loop, not a scan: each layer's pages stay separate donated buffers updated in place.
         for i in range(cfg.num_layers):
-            layer = DecoderLayer(cfg, self.attention, self.decode_only, heads_mesh, name=f"layers_{i}")
+            layer = DecoderLayer(
+                cfg, self.attention, self.decode_only, heads_mesh, self.only_parameters, name=f"layers_{i}"
+            )
             x, kv_pages = layer(x, positions, kv_pool[i], metadata)
             new_pool.append(kv_pages)
-        # Only the rows that will be sampled go through the final norm and the vocabulary projection.
-        x = rms_norm(
-            x[logits_indices],
-            _param(self, "final_norm", (cfg.hidden_size,), dt, nn.initializers.ones),
-            cfg.rms_norm_eps,
+        final_norm = _param(self, "final_norm", (cfg.hidden_size,), dt, nn.initializers.ones)
+        head = (
+            embed.T
+            if cfg.tie_word_embeddings
+            else _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), dt)
         )
-        if cfg.tie_word_embeddings:
-            head = embed.T
-        else:
-            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), dt)
+        if self.only_parameters:
+            return None, kv_pool
+        # Only the rows that will be sampled go through the final norm and the vocabulary projection.
+        x = rms_norm(x[logits_indices], final_norm, cfg.rms_norm_eps)
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
         return logits, tuple(new_pool)
 
@@ -136,12 +143,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None) -> d
     """Random parameters (normal, std 0.02; norms at 1) in the documented tree, for tests and benchmarks.
     With a `mesh` of several devices, each is made on its shards (models.sharding), never whole on one device;
     with one, on its device."""
-    pool = init_kv_pool(cfg, num_pages=2, page_size=1)
-    one = jnp.zeros((1,), jnp.int32)
-    metadata = AttentionMetadata(one, jnp.array([0, 1], jnp.int32), jnp.ones((1,), jnp.int32), one[None])
+    # Only the parameters are declared: Flax's `init` would otherwise run the forward pass on a dummy token,
+    # on one device eagerly, op by op (~60 small programs, 7 s of a cold start of the 8B shapes on an H200).
+    no_pool = ((None, None),) * cfg.num_layers
 
     def init(k):
-        return Llama(cfg).init(k, one, one, pool, metadata, one)["params"]
+        return Llama(cfg, only_parameters=True).init(k, None, None, no_pool, None, None)["params"]
 
     if mesh is None or mesh.size == 1:
         # Not jitted: each parameter's random draw is a small program compiled once per shape, where the one

@@ -10,7 +10,7 @@ import pytest
 from models.attention import AttentionMetadata
 from models.config import ModelConfig, RopeScaling
 from models.layers import rope_inv_freq
-from models.llama import forward, init_kv_pool, init_params
+from models.llama import Llama, forward, init_kv_pool, init_params
 
 TINY = ModelConfig(
     vocab_size=97,
@@ -170,3 +170,18 @@ def test_random_parameters_are_the_same_on_a_one_device_mesh():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("tp",))
     plain, on_mesh = init_params(TINY, jax.random.key(4)), init_params(TINY, jax.random.key(4), mesh)
     jax.tree.map(np.testing.assert_array_equal, plain, on_mesh)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TINY, dataclasses.replace(TINY, qkv_bias=True), dataclasses.replace(TINY, tie_word_embeddings=False)],
+    ids=["tied", "qkv_bias", "lm_head"],
+)
+def test_random_parameters_are_flax_init_of_the_forward(cfg):
+    # `init_params` only declares the parameters, without the forward pass Flax's `init` runs on a token; the
+    # values are the same (Flax derives each parameter's key from its path).
+    one = jnp.zeros((1,), jnp.int32)
+    metadata = AttentionMetadata(one, jnp.array([0, 1], jnp.int32), jnp.ones((1,), jnp.int32), one[None])
+    pool = init_kv_pool(cfg, num_pages=2, page_size=1)
+    by_forward = Llama(cfg).init(jax.random.key(5), one, one, pool, metadata, one)["params"]
+    jax.tree.map(np.testing.assert_array_equal, init_params(cfg, jax.random.key(5)), by_forward)

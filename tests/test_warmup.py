@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpage import LLM, SamplingParams, compile_watch
+from jaxpage import LLM, SamplingParams, compile_watch, page_copy
 from jaxpage.batch import padding_inputs
 from jaxpage.config import EngineConfig
 from jaxpage.runner import Runner
@@ -90,3 +90,27 @@ def test_a_program_compiled_after_warmup_is_logged_and_counted(caplog):
     with pytest.raises(RuntimeError, match=r"Bucket\(num_tokens=8"):
         strict.programs(left_out)
     assert np.all(np.asarray(jax.device_get(strict._last_tokens)) == 0), "nothing ran"
+
+
+def test_page_moves_compile_beside_the_step_programs(monkeypatch):
+    # Warm-up compiles the page moves on a thread of their own while the step programs compile, so running
+    # each of them afterwards (swaps, the host tier's saves and loads, copies, the shift) compiles nothing.
+    bindings = [
+        "EngineConfig.preemption_mode = 'swap'",
+        "EngineConfig.kv_host_cache_gib = 0.01",
+        "EngineConfig.token_buckets = (64,)",
+        "EngineConfig.seq_buckets = (8,)",
+        "EngineConfig.page_buckets = (32,)",
+    ]
+    llm = LLM.from_gin(["configs/tiny_test.gin"], bindings)
+    run_moves, compiles_running_moves = page_copy.warmup, []
+
+    def counted(*args, **kwargs):
+        with compile_watch.counting() as compiles:
+            pool = run_moves(*args, **kwargs)
+        compiles_running_moves.append(len(compiles))
+        return pool
+
+    monkeypatch.setattr(page_copy, "warmup", counted)
+    llm.engine.warmup()
+    assert compiles_running_moves == [0]
