@@ -156,10 +156,12 @@ class LLMEngine:
             lambda: random_id or _checkpoint_identity(model_path),
         )  # fmt: skip
         self.runner = Runner(model_config, params, config, num_token_ids=self.tokenizer.vocab_size, mesh=mesh)
-        if self.store is not None:
+        if self.store is not None and page_copy.uses_pinned_memory(self.runner.kv_pool):
             self.store.stage = functools.partial(
                 jax.device_put, device=page_copy.host_memory(self.runner.kv_pool)
             )
+        elif self.store is not None:
+            page_copy.retain_freed_host_memory()
         self.pool = PagePool(self.runner.num_pages, enable_prefix_caching=config.enable_prefix_caching)
         num_swap_pages = 0
         if config.preemption_mode == "swap":
@@ -502,7 +504,7 @@ class LLMEngine:
             seconds = self.runner.warmup()
             compiled.result()
         self.runner.kv_pool = page_copy.warmup(self.runner.kv_pool, *moves)
-        if self.store is not None and jax.default_backend() != "cpu":  # on the CPU it is plain memory
+        if self.store is not None and page_copy.uses_pinned_memory(self.runner.kv_pool):
             page_copy.reserve_host_memory(self.runner.kv_pool, self.store.host_capacity_pages)
         return seconds
 

@@ -9,6 +9,7 @@ The pool is donated, so XLA updates it in place. Page lists are padded to a powe
 """
 
 import concurrent.futures
+import ctypes
 import functools
 from typing import NamedTuple
 
@@ -94,6 +95,9 @@ class _Memories(NamedTuple):
     pool: jax.sharding.Sharding
     page_ids: jax.sharding.Sharding
     host_page: jax.sharding.Sharding
+    stacked_pages: (
+        jax.sharding.Sharding
+    )  # f[num_layers, 2, num_kv_heads, N, page_size, head_dim] on the devices
 
 
 def _memories(kv_pool: KVPool) -> _Memories:
@@ -106,6 +110,7 @@ def _memories(kv_pool: KVPool) -> _Memories:
         pool.with_memory_kind("device"),
         NamedSharding(pool.mesh, PartitionSpec()),
         NamedSharding(pool.mesh, PartitionSpec(None, None, heads), memory_kind="pinned_host"),
+        NamedSharding(pool.mesh, PartitionSpec(None, None, heads), memory_kind="device"),
     )
 
 
@@ -134,15 +139,47 @@ def _scatter_from_host(num_layers: int, num_pages: int, memories: _Memories):
     return jax.jit(scatter, in_shardings=in_shardings, out_shardings=pool, donate_argnums=0)
 
 
-def gather_pages_to_host(kv_pool: KVPool, page_ids: list[int], max_piece: int) -> list[jax.Array]:
-    """The K/V of each of `page_ids` as an array of its own in pinned host memory (f[num_layers, 2,
-    num_kv_heads, page_size, head_dim]), returned at once: the device copies them after the work queued before
-    (reading one waits for its copy), at most `max_piece` pages a program. The pool is left as it is."""
+def uses_pinned_memory(kv_pool: KVPool) -> bool:
+    """Whether the tiers keep pages in the devices' pinned host memory (GPUs), or as numpy arrays (the CPU,
+    whose host memory is the device's: XLA:CPU took 37 ms to write 64 SmolLM2 pages as outputs of their own,
+    where one gather read as numpy and cut into pages there takes 11)."""
+    return next(iter(kv_pool[0][0].sharding.device_set)).platform != "cpu"
+
+
+def retain_freed_host_memory() -> None:
+    """Has glibc's malloc keep large freed blocks for reuse rather than return them to the system (a no-op
+    elsewhere). XLA:CPU allocates every output afresh, and a block above malloc's mmap threshold (at most
+    32 MiB by default) then comes fresh from the system and faults its pages in one by one: moving 64 SmolLM2
+    pages (48 MB) between the pool and the host tier took 30-35 ms, 9-11 ms with freed blocks reused. The
+    process keeps its peak memory instead (steps measured no faster with it: their blocks are smaller)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 31)
+
+
+def gather_pages_to_host(
+    kv_pool: KVPool, page_ids: list[int], max_piece: int, pinned: bool | None = None
+) -> list:
+    """The K/V of each of `page_ids` as an array of its own (f[num_layers, 2, num_kv_heads, page_size,
+    head_dim]), at most `max_piece` pages a program. The pool is left as it is.
+
+    pinned (default: `uses_pinned_memory`): arrays in pinned host memory, returned at once: the device copies
+    them after the work queued before (reading one waits for its copy). Else numpy arrays, once the device
+    has read them."""
     assert page_ids and 0 not in page_ids, page_ids
+    pinned = uses_pinned_memory(kv_pool) if pinned is None else pinned
     memories, pages = _memories(kv_pool), []
     for start, size in _pieces(len(page_ids), max_piece):
         piece = np.asarray(page_ids[start : start + size], np.int32)
-        pages += _gather_to_host(len(kv_pool), size, memories)(kv_pool, piece)
+        if pinned:
+            pages += _gather_to_host(len(kv_pool), size, memories)(kv_pool, piece)
+        else:
+            data = np.asarray(_gather(kv_pool, piece))
+            pages += [np.ascontiguousarray(data[:, :, :, i]) for i in range(size)]
     return pages
 
 
@@ -170,18 +207,27 @@ def reserve_host_memory(kv_pool: KVPool, num_pages: int) -> None:
     jax.block_until_ready(blocks)
 
 
-def scatter_pages_from_host(kv_pool: KVPool, page_ids: list[int], pages: list, max_piece: int) -> KVPool:
+def scatter_pages_from_host(
+    kv_pool: KVPool, page_ids: list[int], pages: list, max_piece: int, pinned: bool | None = None
+) -> KVPool:
     """Writes each of `pages` (what `gather_pages_to_host` returned, or numpy arrays of that shape) into its
     page of `page_ids`, at most `max_piece` pages a program; returns the updated pool (the argument is
     donated). The copies to the device run in the step's stream, after the work queued before; the host does
-    not wait for them."""
+    not wait for them. pinned (default: `uses_pinned_memory`): the pages go by DMA from pinned host memory;
+    else they are stacked in numpy and sent as one array a program."""
     assert page_ids and 0 not in page_ids and len(pages) == len(page_ids), (page_ids, len(pages))
+    pinned = uses_pinned_memory(kv_pool) if pinned is None else pinned
     memories = _memories(kv_pool)
-    pages = [p if isinstance(p, jax.Array) else jax.device_put(p, memories.host_page) for p in pages]
+    if pinned:
+        pages = [p if isinstance(p, jax.Array) else jax.device_put(p, memories.host_page) for p in pages]
     for start, size in _pieces(len(page_ids), max_piece):
         piece = np.asarray(page_ids[start : start + size], np.int32)
-        scatter = _scatter_from_host(len(kv_pool), size, memories)
-        kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
+        if pinned:
+            scatter = _scatter_from_host(len(kv_pool), size, memories)
+            kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
+        else:
+            data = np.stack([np.asarray(page) for page in pages[start : start + size]], axis=3)
+            kv_pool = _scatter(kv_pool, piece, jax.device_put(data, memories.stacked_pages))
     return kv_pool
 
 
@@ -255,11 +301,16 @@ def compile_moves(
         jobs += [(_gather, (pool, ids(null))), (_scatter, (pool, ids(null), data))]
     memories = _memories(kv_pool)
     for null in _null_pages(max_tier_pages):
-        pages = jax.eval_shape(_gather_to_host(len(pool), len(null), memories), pool, ids(null))
-        jobs += [
-            (_gather_to_host(len(pool), len(null), memories), (pool, ids(null))),
-            (_scatter_from_host(len(pool), len(null), memories), (pool, ids(null), pages)),
-        ]
+        if uses_pinned_memory(kv_pool):
+            pages = jax.eval_shape(_gather_to_host(len(pool), len(null), memories), pool, ids(null))
+            jobs += [
+                (_gather_to_host(len(pool), len(null), memories), (pool, ids(null))),
+                (_scatter_from_host(len(pool), len(null), memories), (pool, ids(null), pages)),
+            ]
+        else:
+            data = jax.eval_shape(_gather, pool, ids(null))
+            data = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=memories.stacked_pages)
+            jobs += [(_gather, (pool, ids(null))), (_scatter, (pool, ids(null), data))]
     if inv_freq is not None:
         moves = jax.ShapeDtypeStruct((5, SHIFT_PIECE), np.int32)
         jobs.append((_shift, (pool, moves, jax.ShapeDtypeStruct(np.shape(inv_freq), np.float32))))
@@ -286,6 +337,10 @@ def warmup(
         kv_pool = _scatter(kv_pool, null, np.asarray(_gather(kv_pool, null)))
     for null in _null_pages(max_tier_pages):
         memories = _memories(kv_pool)
+        if not uses_pinned_memory(kv_pool):  # as `scatter_pages_from_host` sends numpy pages
+            data = jax.device_put(np.asarray(_gather(kv_pool, null)), memories.stacked_pages)
+            kv_pool = _scatter(kv_pool, null, data)
+            continue
         pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
         scatter = _scatter_from_host(len(kv_pool), len(null), memories)
         kv_pool = scatter(kv_pool, null, pages)

@@ -402,18 +402,24 @@ def test_smollm2_history_from_host_memory_or_disk_gives_the_recomputed_replies(t
     assert hits["host"]["host"] > 0 and hits["disk"]["disk"] > 0, hits
 
 
-def test_pages_move_to_pinned_host_memory_and_back_and_reserving_it_changes_nothing():
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned_host", "numpy"])
+def test_pages_move_to_host_memory_and_back_and_reserving_it_changes_nothing(pinned):
+    # Pinned host memory is the GPU's way, numpy the CPU's (page_copy.uses_pinned_memory); both run here.
     pool = tuple(
         (jnp.arange(2 * 5 * 4 * 3.0).reshape(2, 5, 4, 3) + i, jnp.full((2, 5, 4, 3), -1.0 - i))
         for i in range(2)
     )
     expected = [(np.asarray(k), np.asarray(v)) for k, v in pool]
     page_copy.reserve_host_memory(pool, 3)
-    saved = page_copy.gather_pages_to_host(pool, [1, 3, 4], max_piece=2)  # pieces of 2 and 1
-    assert [page.sharding.memory_kind for page in saved] == ["pinned_host"] * 3
+    saved = page_copy.gather_pages_to_host(pool, [1, 3, 4], max_piece=2, pinned=pinned)  # pieces of 2 and 1
+    if pinned:
+        assert [page.sharding.memory_kind for page in saved] == ["pinned_host"] * 3
+    else:
+        assert all(isinstance(page, np.ndarray) for page in saved)
     np.testing.assert_array_equal(np.asarray(saved[1])[0, 0], expected[0][0][:, 3])  # layer 0, K of page 3
     # Back into other pages, one of them as numpy (what the disk tier reads).
-    pool = page_copy.scatter_pages_from_host(pool, [2, 1, 3], [saved[0], np.asarray(saved[1]), saved[2]], 2)
+    from_disk = [saved[0], np.asarray(saved[1]), saved[2]]
+    pool = page_copy.scatter_pages_from_host(pool, [2, 1, 3], from_disk, 2, pinned=pinned)
     for (k, v), (k0, v0) in zip(pool, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(k)[:, [2, 1, 3]], k0[:, [1, 3, 4]])
         np.testing.assert_array_equal(np.asarray(v)[:, [0, 4]], v0[:, [0, 4]])
