@@ -42,7 +42,7 @@ def test_disk_pages_survive_a_restart_and_stay_within_the_size(tmp_path):
     assert len(list(tmp_path.glob("*.kv"))) == 2 and again.get(KEYS[4]).tolist() == page(4).tolist()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "other_tokens"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "flip_checksum", "delete", "other_tokens"])
 def test_a_damaged_file_is_a_miss_and_goes(tmp_path, damage):
     disk = DiskTier(str(tmp_path), 8, FINGERPRINT)
     disk.put(KEYS[0], page(7))
@@ -53,6 +53,8 @@ def test_a_damaged_file_is_a_miss_and_goes(tmp_path, damage):
         file.write_bytes(blob[: len(blob) // 2])
     elif damage == "flip":
         file.write_bytes(blob[:-40] + bytes([blob[-40] ^ 1]) + blob[-39:])
+    elif damage == "flip_checksum":
+        file.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     elif damage == "delete":
         file.unlink()
     else:  # a valid file under another page's name
