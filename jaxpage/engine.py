@@ -732,7 +732,8 @@ class LLMEngine:
     def _save_pages(self, saves) -> None:
         """Gives evicted pages' K/V to the host tier: each page is copied by the device into an array of its
         own in pinned host memory, after the work queued before and before anything later writes the page;
-        the host does not wait for the copies (unless kv_tier_sync_transfers)."""
+        the host does not wait for the copies (unless kv_tier_sync_transfers). On the CPU the pages become
+        numpy arrays, and the host waits for the steps queued before (see page_copy.uses_pinned_memory)."""
         if not saves:
             return
         page_ids = [page for page, _ in saves]

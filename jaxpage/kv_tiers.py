@@ -7,8 +7,8 @@ that runs out of device pages goes on down the same hash chain (`KVStore.lookup`
 turn, whose prompt extends the last turn's prompt and reply, finds its history wherever it was left.
 
 A page's K/V is opaque here: an array of the engine's `[num_layers, 2, num_kv_heads, page_size, head_dim]`,
-a jax array in pinned host memory (whose copy from the device may still be under way; reading it waits) or a
-numpy array read from disk. Disk writes and deletions run
+a jax array in pinned host memory (a GPU's; its copy from the device may still be under way, and reading it
+waits) or a numpy array (saved on the CPU, or read from disk). Disk writes and deletions run
 on one background thread, in order; a file is written under a temporary name and renamed, and carries a
 CRC-32 of its contents, so a crash mid-write, truncation or corruption is seen on read, and that page is a
 miss (the caller recomputes it).

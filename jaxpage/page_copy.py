@@ -11,6 +11,7 @@ The pool is donated, so XLA updates it in place. Page lists are padded to a powe
 import concurrent.futures
 import ctypes
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models.layers import apply_rope
 
 KVPool = tuple[tuple[jax.Array, jax.Array], ...]
+logger = logging.getLogger(__name__)
 
 
 def _padded(page_ids: list[int]) -> np.ndarray:  # -> i32[next power of two >= len(page_ids)]
@@ -156,9 +158,20 @@ def retain_freed_host_memory() -> None:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 1 << 31)
+    for name, option, value in (
+        ("M_MMAP_THRESHOLD", m_mmap_threshold, 1 << 30),
+        ("M_TRIM_THRESHOLD", m_trim_threshold, (1 << 31) - 1),
+    ):
+        if mallopt(option, value) != 1:
+            logger.info("glibc refused mallopt(%s, %d); large host-tier moves stay slower", name, value)
+
+
+def _stacked_pages(kv_pool: KVPool, memories: _Memories) -> jax.sharding.Sharding | None:
+    # A pool the engine made is committed to its devices; one that is not (made by hand) stays uncommitted,
+    # so that its later moves are the programs compiled for it.
+    return memories.stacked_pages if kv_pool[0][0].committed else None
 
 
 def gather_pages_to_host(
@@ -227,7 +240,7 @@ def scatter_pages_from_host(
             kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
         else:
             data = np.stack([np.asarray(page) for page in pages[start : start + size]], axis=3)
-            kv_pool = _scatter(kv_pool, piece, jax.device_put(data, memories.stacked_pages))
+            kv_pool = _scatter(kv_pool, piece, jax.device_put(data, _stacked_pages(kv_pool, memories)))
     return kv_pool
 
 
@@ -309,13 +322,23 @@ def compile_moves(
             ]
         else:
             data = jax.eval_shape(_gather, pool, ids(null))
-            data = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=memories.stacked_pages)
+            data = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_stacked_pages(kv_pool, memories))
             jobs += [(_gather, (pool, ids(null))), (_scatter, (pool, ids(null), data))]
     if inv_freq is not None:
         moves = jax.ShapeDtypeStruct((5, SHIFT_PIECE), np.int32)
         jobs.append((_shift, (pool, moves, jax.ShapeDtypeStruct(np.shape(inv_freq), np.float32))))
+    # JAX's config contexts are thread-local and part of what a program is compiled for: the caller's matmul
+    # precision must reach the threads, or the runs would compile again. A gather shared by swaps and the
+    # tiers is compiled once.
+    precision = jax.config.jax_default_matmul_precision
+    jobs = list({(fn, str(args)): (fn, args) for fn, args in jobs}.values())
+
+    def compile_job(job) -> None:
+        with jax.default_matmul_precision(precision):
+            job[0].lower(*job[1]).compile()
+
     with concurrent.futures.ThreadPoolExecutor(num_threads) as threads:
-        list(threads.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+        list(threads.map(compile_job, jobs))
 
 
 def warmup(
@@ -338,7 +361,7 @@ def warmup(
     for null in _null_pages(max_tier_pages):
         memories = _memories(kv_pool)
         if not uses_pinned_memory(kv_pool):  # as `scatter_pages_from_host` sends numpy pages
-            data = jax.device_put(np.asarray(_gather(kv_pool, null)), memories.stacked_pages)
+            data = jax.device_put(np.asarray(_gather(kv_pool, null)), _stacked_pages(kv_pool, memories))
             kv_pool = _scatter(kv_pool, null, data)
             continue
         pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
