@@ -97,9 +97,8 @@ class _Memories(NamedTuple):
     pool: jax.sharding.Sharding
     page_ids: jax.sharding.Sharding
     host_page: jax.sharding.Sharding
-    stacked_pages: (
-        jax.sharding.Sharding
-    )  # f[num_layers, 2, num_kv_heads, N, page_size, head_dim] on the devices
+    # A load's pages stacked on the devices: f[num_layers, 2, num_kv_heads, N, page_size, head_dim].
+    stacked_pages: jax.sharding.Sharding
 
 
 def _memories(kv_pool: KVPool) -> _Memories:

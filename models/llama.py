@@ -153,7 +153,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None) -> d
     if mesh is None or mesh.size == 1:
         # Not jitted: each parameter's random draw is a small program compiled once per shape, where the one
         # program of the whole tree took 107 s to compile for Llama-3-8B's shapes on an H200. The values are
-        # the same: Flax derives each parameter's key from its path either way.
+        # the same: Flax derives each parameter's key from its module's path and its place among the module's
+        # declarations, whether traced or eager.
         with jax.default_device(None if mesh is None else mesh.devices.flat[0]):
             return init(key)
     shapes = jax.eval_shape(init, key)
