@@ -238,9 +238,22 @@ def scatter_pages_from_host(
             scatter = _scatter_from_host(len(kv_pool), size, memories)
             kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
         else:
-            data = np.stack([np.asarray(page) for page in pages[start : start + size]], axis=3)
+            piece_pages = [np.asarray(page) for page in pages[start : start + size]]
+            shape = piece_pages[0].shape
+            data = _aligned_empty((*shape[:3], size, *shape[3:]), piece_pages[0].dtype)
+            np.stack(piece_pages, axis=3, out=data)
             kv_pool = _scatter(kv_pool, piece, jax.device_put(data, _stacked_pages(kv_pool, memories)))
     return kv_pool
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An empty numpy array whose data starts on an `alignment`-byte boundary: XLA:CPU takes such an array
+    without copying it (`jax.device_put` of 64 SmolLM2 pages, 48 MB: 0.04 ms against 2.7 ms for numpy's
+    16-byte aligned one)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _pieces(count: int, max_size: int | None = None) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -425,6 +426,17 @@ def test_pages_move_to_host_memory_and_back_and_reserving_it_changes_nothing(pin
     for (k, v), (k0, v0) in zip(pool, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(k)[:, [2, 1, 3]], k0[:, [1, 3, 4]])
         np.testing.assert_array_equal(np.asarray(v)[:, [0, 4]], v0[:, [0, 4]])
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", [((2, 2, 3, 5, 4, 3), np.float32), ((7,), jnp.bfloat16), ((1, 3), np.int8)]
+)
+def test_stacked_pages_start_where_xla_takes_them_without_a_copy(shape, dtype):
+    data = page_copy._aligned_empty(shape, dtype)
+    assert data.shape == shape and data.dtype == dtype and data.flags.c_contiguous
+    assert data.ctypes.data % 64 == 0
+    data[...] = 1
+    assert jax.device_put(data).unsafe_buffer_pointer() == data.ctypes.data
 
 
 def test_a_read_that_fails_is_a_logged_miss(tmp_path, caplog):
