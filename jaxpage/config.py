@@ -91,8 +91,10 @@ class EngineConfig:
     # they wait, and host memory first evicts pages no queued request wants. False: plain LRU, and disk
     # reads on demand.
     kv_tier_lookahead: bool = True
-    # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it.
-    kv_tier_write_through: bool = False
+    # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it: then no save
+    # lands on the step of the request whose admission evicts the page. Reused turns' TTFT was lower writing
+    # through on the CPU and on an H200 (benchmarks/README.md); saving on eviction copies fewer pages.
+    kv_tier_write_through: bool = True
     # Saves to and loads from the tiers wait for their device<->host copies to finish before the step goes on,
     # instead of overlapping them with the device's work: only to measure what the asynchronous copies buy.
     kv_tier_sync_transfers: bool = False

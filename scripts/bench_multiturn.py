@@ -15,9 +15,10 @@ clients interleave and a small device pool (--pool_pages) evicts the sessions of
 Modes (--modes):
 - recompute: no prefix cache; every turn computes its whole prompt.
 - gpu: the prefix cache in the device pool only.
-- host: tiers under the pool: host memory of --host_pages pages, pages saved when the pool evicts them.
+- host: tiers under the pool: host memory of --host_pages pages, each page saved when it fills (written
+  through, the engine's default).
 - host_sync: the same, with every save and load waiting for its copy (what the asynchronous copies buy).
-- host_write_through: the same, pages saved when they fill.
+- host_on_eviction: the same, pages saved only when the pool evicts them.
 - disk: a host tier of --disk_host_pages pages over a disk tier (a fresh directory under --disk_dir), with the
   look-ahead (queued requests' pages read from disk and loaded from host memory while they wait, and every
   tier evicting the pages they want last).
@@ -52,7 +53,7 @@ from jaxpage.llm import LLM
 from jaxpage.runner import kv_bytes_per_page
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("recompute", "gpu", "host", "host_sync", "host_write_through", "disk", "disk_lru")
+MODES = ("recompute", "gpu", "host", "host_sync", "host_on_eviction", "disk", "disk_lru")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin config file(s); default configs/smollm2_135m.gin.")
@@ -132,10 +133,10 @@ def mode_bindings(mode: str, bytes_per_page: int) -> list[str]:
     bindings = [f"EngineConfig.num_pages = {FLAGS.pool_pages}"]
     if mode == "recompute":
         return bindings + ["EngineConfig.enable_prefix_caching = False"]
-    if mode in ("host", "host_sync", "host_write_through"):
+    if mode in ("host", "host_sync", "host_on_eviction"):
         return bindings + [
             f"EngineConfig.kv_host_cache_gib = {gib(FLAGS.host_pages)}",
-            f"EngineConfig.kv_tier_write_through = {mode == 'host_write_through'}",
+            f"EngineConfig.kv_tier_write_through = {mode != 'host_on_eviction'}",
             f"EngineConfig.kv_tier_sync_transfers = {mode == 'host_sync'}",
         ]
     if mode in ("disk", "disk_lru"):
