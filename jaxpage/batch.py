@@ -94,7 +94,8 @@ class StepInputs(NamedTuple):
 
 
 class BucketGrid:
-    """Every (T, B, P) combination of the configured sizes in which each row can own a token (B <= T); with
+    """Every (T, B, P) combination of the configured sizes in which each row can own a token (B <= T) and,
+    with `max_tokens_per_row`, B >= T / max_tokens_per_row (else the largest B <= T); with
     `row_sized_decode`, steps of one token per row take T = B instead (`select`)."""
 
     def __init__(
@@ -103,12 +104,15 @@ class BucketGrid:
         seq_buckets: tuple[int, ...],
         page_buckets: tuple[int, ...],
         row_sized_decode: bool = False,
+        max_tokens_per_row: int | None = None,
     ):
         """row_sized_decode: a decode step's tokens are its rows, padded to the row bucket, not to a token
         bucket. The decode kernel's steps want this: every padded token costs the matmuls its rows' work
         (a 32-row decode step of an 8B model padded to 256 tokens spent 6.3 of its 9 device ms in matmuls,
         benchmarks/README.md). The jnp backends leave it off: their configs make the row buckets token
-        buckets anyway, and a separate decode shape would only add programs."""
+        buckets anyway, and a separate decode shape would only add programs.
+
+        max_tokens_per_row: see `EngineConfig.max_bucket_tokens_per_row`."""
         for name, sizes in (("token", token_buckets), ("seq", seq_buckets), ("page", page_buckets)):
             assert sizes and list(sizes) == sorted(set(sizes)) and sizes[0] > 0, f"bad {name} buckets {sizes}"
         self.token_buckets = tuple(token_buckets)
@@ -116,11 +120,21 @@ class BucketGrid:
         self.seq_buckets = tuple(sorted({min(b, token_buckets[-1]) for b in seq_buckets}))
         self.page_buckets = tuple(page_buckets)
         self.row_sized_decode = row_sized_decode
+        self.max_tokens_per_row = max_tokens_per_row
+
+    def _fewest_rows(self, num_tokens: int) -> int:
+        """The smallest row bucket of the buckets of `num_tokens` tokens (a token bucket): the first at least
+        num_tokens / max_tokens_per_row, else the largest that fits in num_tokens."""
+        fitting = [b for b in self.seq_buckets if b <= num_tokens]
+        if self.max_tokens_per_row is None or not fitting:
+            return self.seq_buckets[0]
+        wanted = -(-num_tokens // self.max_tokens_per_row)
+        return next((b for b in fitting if b >= wanted), fitting[-1])
 
     @property
     def buckets(self) -> list[Bucket]:
         sizes = itertools.product(self.token_buckets, self.seq_buckets, self.page_buckets)
-        return [Bucket(t, b, p) for t, b, p in sizes if b <= t]
+        return [Bucket(t, b, p) for t, b, p in sizes if self._fewest_rows(t) <= b <= t]
 
     @property
     def decode_buckets(self) -> list[Bucket]:
@@ -134,6 +148,7 @@ class BucketGrid:
             t = b
         else:
             t = _smallest_at_least(self.token_buckets, max(num_tokens, b), "num_tokens")
+            b = max(b, self._fewest_rows(t))
         p = _smallest_at_least(self.page_buckets, max_pages, "max_pages")
         return Bucket(t, b, p)
 

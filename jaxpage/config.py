@@ -65,6 +65,10 @@ class EngineConfig:
     token_buckets: tuple[int, ...] = (16, 64, 256, 512)
     seq_buckets: tuple[int, ...] = (4, 16, 64)
     page_buckets: tuple[int, ...] = (8, 32, 128, 512)  # pages per row of the page table
+    # A bucket of T tokens has at least T / this many rows (None: any seq bucket up to T). A step of many
+    # tokens and few rows then pads its rows, which costs it little (the rows' logits and sampling), and the
+    # grid has fewer programs to compile at start-up.
+    max_bucket_tokens_per_row: int | None = None
     # "auto": pallas on GPU; on CPU the C++ kernel (float32, where a C++ compiler builds it), else "blocked"
     attention_backend: str = "auto"
     # JAX's persistent compilation cache, and converted weights; None turns either off. The defaults lie under
@@ -155,6 +159,11 @@ class EngineConfig:
             )
         for name in ("token_buckets", "seq_buckets", "page_buckets"):
             _check_buckets(name, getattr(self, name))
+        ratio = self.max_bucket_tokens_per_row
+        if ratio is not None and not (_is_int(ratio) and ratio >= 1):
+            raise ValueError(
+                f"engine config field max_bucket_tokens_per_row must be an int >= 1 or None, got {ratio!r}"
+            )
         if self.token_buckets[-1] < self.max_num_batched_tokens:
             raise ValueError(
                 f"engine config: the largest token bucket ({self.token_buckets[-1]}) must be >= "

@@ -190,6 +190,7 @@ class Runner:
             engine_config.seq_buckets,
             engine_config.page_buckets,
             row_sized_decode=self.uses_decode_kernel,
+            max_tokens_per_row=engine_config.max_bucket_tokens_per_row,
         )
         if mesh is None:
             mesh = sharding.tensor_parallel_mesh(engine_config.tensor_parallel_size)

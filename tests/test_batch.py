@@ -148,6 +148,33 @@ def test_bucket_grid_caps_row_buckets_at_the_largest_token_bucket():
     assert grid.select(16, 16, 1) == Bucket(16, 16, 2)
 
 
+def test_a_bucket_of_many_tokens_has_rows_in_proportion():
+    grid = BucketGrid((256, 512, 2048), (32, 64, 256, 1024), (128,), max_tokens_per_row=8)
+    rows = {t: sorted(b.num_rows for b in grid.buckets if b.num_tokens == t) for t in (256, 512, 2048)}
+    assert rows == {256: [32, 64, 256], 512: [64, 256], 2048: [256, 1024]}
+    assert grid.select(2000, 20, 3) == Bucket(2048, 256, 128)  # few rows among many tokens: rows padded
+    assert grid.select(300, 20, 3) == Bucket(512, 64, 128)
+    assert grid.select(20, 20, 3) == Bucket(256, 32, 128)
+    # No row bucket reaches 256 / 1: the largest that fits in the token bucket.
+    assert BucketGrid((256,), (32, 64), (128,), max_tokens_per_row=1).buckets == [Bucket(256, 64, 128)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_tokens=st.integers(1, 64),
+    num_rows=st.integers(1, 64),
+    pages=st.integers(1, 4),
+    ratio=st.sampled_from([None, 1, 2, 4, 16]),
+    decode=st.booleans(),
+)
+def test_every_step_selects_a_bucket_of_the_grid_that_holds_it(num_tokens, num_rows, pages, ratio, decode):
+    grid = BucketGrid((4, 16, 64), (2, 8, 32), (2, 4), row_sized_decode=decode, max_tokens_per_row=ratio)
+    num_rows = min(num_rows, num_tokens, 32)  # the largest row bucket
+    bucket = grid.select(num_tokens, num_rows, pages)
+    assert bucket in grid.buckets or bucket in grid.decode_buckets
+    assert bucket.num_tokens >= num_tokens and bucket.num_rows >= num_rows and bucket.pages_per_row >= pages
+
+
 @pytest.mark.parametrize(
     "size, field", [((129, 1, 1), "num_tokens"), ((64, 17, 1), "num_rows"), ((64, 4, 9), "max_pages")]
 )

@@ -101,6 +101,8 @@ def test_sampling_params_accept_convenient_spellings():
         ({"max_num_batched_tokens": 1024}, "largest token bucket"),
         ({"max_num_seqs": 128}, "largest seq bucket"),
         ({"max_model_len": 100_000}, "largest page bucket"),
+        ({"max_bucket_tokens_per_row": 0}, r"max_bucket_tokens_per_row .*, got 0$"),
+        ({"max_bucket_tokens_per_row": 2.5}, r"max_bucket_tokens_per_row .*, got 2.5$"),
         ({"attention_backend": "cuda"}, "attention_backend"),
         ({"seed": -3}, "seed"),
         ({"enable_prefix_caching": 1}, "enable_prefix_caching"),
