@@ -371,20 +371,26 @@ class Runner:
           Wall seconds each bucket's forward programs (every kind compiled) took to compile or to load from
           the persistent cache.
         """
-        buckets = self.buckets if buckets is None else buckets
+        whole_grid = buckets is None
+        buckets = self.buckets if whole_grid else buckets
         kinds = (_ROWS, _ALL_LOGITS) if self.engine_config.warmup_prompt_logprobs else (_ROWS,)
         forwards = [(b, kind) for b in buckets for kind in kinds]
+        decode = []
         if self.uses_decode_kernel:
-            # The decode buckets of the rows and pages asked for (with `row_sized_decode` they may lie
-            # outside the token buckets); a one-token prompt chunk with prompt logprobs takes them too.
+            # Every decode bucket with the whole grid (with `max_bucket_tokens_per_row` a decode step's row
+            # count may have no prompt bucket), else those of the rows and pages asked for (with
+            # `row_sized_decode` they may lie outside the token buckets); a one-token prompt chunk with prompt
+            # logprobs takes them too.
             shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
-            decode = [d for d in self.grid.decode_buckets if (d.num_rows, d.pages_per_row) in shapes]
+            decode = [
+                d for d in self.grid.decode_buckets if whole_grid or (d.num_rows, d.pages_per_row) in shapes
+            ]
             forwards += [(d, _DECODE) for d in decode]
             if self.engine_config.warmup_prompt_logprobs:
                 forwards += [(d, _ALL_LOGITS) for d in decode if d not in buckets]
         forwards = [key for key in forwards if key not in self._forward_programs]
         sampler_keys = set()
-        for b in buckets:
+        for b in [*buckets, *decode]:
             history_width = b.pages_per_row * self.page_size
             for k in {0, self.num_top_logprobs}:
                 sampler_keys |= {(b.num_rows, _GREEDY, 0, k), (b.num_rows, _SAMPLED, 0, k)}

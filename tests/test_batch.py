@@ -171,7 +171,15 @@ def test_every_step_selects_a_bucket_of_the_grid_that_holds_it(num_tokens, num_r
     grid = BucketGrid((4, 16, 64), (2, 8, 32), (2, 4), row_sized_decode=decode, max_tokens_per_row=ratio)
     num_rows = min(num_rows, num_tokens, 32)  # the largest row bucket
     bucket = grid.select(num_tokens, num_rows, pages)
-    assert bucket in grid.buckets or bucket in grid.decode_buckets
+    if decode and num_tokens <= num_rows:  # one token per row: the decode kernel's bucket
+        assert bucket in grid.decode_buckets and bucket.num_tokens == bucket.num_rows
+    else:  # the smallest of the grid's buckets that holds the step
+        holding = [
+            b
+            for b in grid.buckets
+            if b.num_tokens >= num_tokens and b.num_rows >= num_rows and b.pages_per_row >= pages
+        ]
+        assert bucket == min(holding, key=lambda b: (b.num_tokens, b.num_rows, b.pages_per_row))
     assert bucket.num_tokens >= num_tokens and bucket.num_rows >= num_rows and bucket.pages_per_row >= pages
 
 

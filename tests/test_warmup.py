@@ -51,6 +51,29 @@ def test_a_mixed_workload_compiles_nothing_after_warmup(llm):
     assert metrics.num_compiles_after_warmup == 0
 
 
+def test_decode_steps_whose_rows_no_prompt_bucket_has_are_warmed_up_too():
+    # With at least 64 / 1 rows per 64-token bucket the only prompt bucket has 16 rows; decode steps of up
+    # to 4 rows take the decode kernel's 4-row bucket all the same.
+    bindings = [
+        "EngineConfig.attention_backend = 'pallas_interpret'",
+        "EngineConfig.compile_after_warmup = 'error'",
+        "EngineConfig.token_buckets = (64,)",
+        "EngineConfig.seq_buckets = (4, 16)",
+        "EngineConfig.page_buckets = (32,)",
+        "EngineConfig.max_bucket_tokens_per_row = 1",
+    ]
+    llm = LLM.from_gin(["configs/tiny_test.gin"], bindings)
+    assert {b.num_rows for b in llm.engine.runner.buckets} == {16}
+    llm.engine.warmup()
+    params = [
+        SamplingParams(max_tokens=6, temperature=0),
+        SamplingParams(max_tokens=6, temperature=0.8, seed=1),
+    ]
+    outputs = llm.generate([list(range(5, 15)), list(range(20, 33))], params)
+    assert all(output.finished for output in outputs)
+    assert llm.engine.metrics().num_compiles_after_warmup == 0
+
+
 def test_a_step_needing_a_program_warmup_left_out_fails_loudly_and_serving_goes_on(llm):
     engine = llm.engine
     request_id = engine.add_request("Hello there", SamplingParams(max_tokens=4, prompt_logprobs=1))
