@@ -238,12 +238,17 @@ def scatter_pages_from_host(
             scatter = _scatter_from_host(len(kv_pool), size, memories)
             kv_pool = scatter(kv_pool, piece, tuple(pages[start : start + size]))
         else:
-            piece_pages = [np.asarray(page) for page in pages[start : start + size]]
-            shape = piece_pages[0].shape
-            data = _aligned_empty((*shape[:3], size, *shape[3:]), piece_pages[0].dtype)
-            np.stack(piece_pages, axis=3, out=data)
-            kv_pool = _scatter(kv_pool, piece, jax.device_put(data, _stacked_pages(kv_pool, memories)))
+            kv_pool = _scatter_stacked(kv_pool, piece, pages[start : start + size], memories)
     return kv_pool
+
+
+def _scatter_stacked(kv_pool: KVPool, page_ids: np.ndarray, pages: list, memories: _Memories) -> KVPool:
+    """The numpy way of `scatter_pages_from_host`: the pages stacked in numpy, sent as one array."""
+    pages = [np.asarray(page) for page in pages]
+    shape = pages[0].shape
+    data = _aligned_empty((*shape[:3], len(pages), *shape[3:]), pages[0].dtype)
+    np.stack(pages, axis=3, out=data)
+    return _scatter(kv_pool, page_ids, jax.device_put(data, _stacked_pages(kv_pool, memories)))
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
@@ -372,9 +377,11 @@ def warmup(
         kv_pool = _scatter(kv_pool, null, np.asarray(_gather(kv_pool, null)))
     for null in _null_pages(max_tier_pages):
         memories = _memories(kv_pool)
-        if not uses_pinned_memory(kv_pool):  # as `scatter_pages_from_host` sends numpy pages
-            data = jax.device_put(np.asarray(_gather(kv_pool, null)), _stacked_pages(kv_pool, memories))
-            kv_pool = _scatter(kv_pool, null, data)
+        if not uses_pinned_memory(kv_pool):
+            # As `scatter_pages_from_host` sends numpy pages; the largest stacking buffer's memory, faulted in
+            # here and freed, is then reused by the first loads (kept by `retain_freed_host_memory`).
+            data = np.asarray(_gather(kv_pool, null))
+            kv_pool = _scatter_stacked(kv_pool, null, [data[:, :, :, i] for i in range(len(null))], memories)
             continue
         pages = _gather_to_host(len(kv_pool), len(null), memories)(kv_pool, null)
         scatter = _scatter_from_host(len(kv_pool), len(null), memories)
