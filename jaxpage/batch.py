@@ -124,7 +124,8 @@ class BucketGrid:
 
     def _fewest_rows(self, num_tokens: int) -> int:
         """The smallest row bucket of the buckets of `num_tokens` tokens (a token bucket): the first at least
-        num_tokens / max_tokens_per_row, else the largest that fits in num_tokens."""
+        num_tokens / max_tokens_per_row, else the largest that fits in num_tokens (the smallest row bucket
+        when none fits: the token bucket then has no buckets)."""
         fitting = [b for b in self.seq_buckets if b <= num_tokens]
         if self.max_tokens_per_row is None or not fitting:
             return self.seq_buckets[0]

@@ -85,9 +85,10 @@ class EngineConfig:
     # Host memory holding swapped-out pages (preemption_mode "swap"). This and kv_host_cache_gib count every
     # device's copy: a pool replicated over a tensor-parallel mesh keeps one per device.
     swap_space_gib: float = 4.0
-    # Tiers under the prefix cache (AttentionStore): cached pages evicted from the device pool are saved to
-    # host memory (this many GiB; None: no tiers), and from there to files under kv_disk_cache_dir (at most
-    # kv_disk_cache_gib; None: no disk tier). A prefix lookup that misses the pool continues there.
+    # Tiers under the prefix cache (AttentionStore): cached pages are saved to host memory (this many GiB;
+    # None: no tiers) when they fill or, without kv_tier_write_through, when the device pool evicts them, and
+    # from there to files under kv_disk_cache_dir (at most kv_disk_cache_gib; None: no disk tier). A prefix
+    # lookup that misses the pool continues there.
     kv_host_cache_gib: float | None = None
     kv_disk_cache_dir: str | None = None
     kv_disk_cache_gib: float = 10.0

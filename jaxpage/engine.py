@@ -556,7 +556,7 @@ class LLMEngine:
         launched = None
         if not scheduled.is_empty:
             launched = self._launch(scheduled, previous)
-        elif scheduled.saves:  # pages evicted for an admission that then failed
+        elif scheduled.saves:  # pages filled by the last step, or evicted for an admission that then failed
             self._save_pages(scheduled.saves)
         if scheduled.is_empty and previous is None:
             assert not self.scheduler.has_unfinished_requests, (
@@ -707,7 +707,7 @@ class LLMEngine:
         return beams.finished
 
     def _move_pages(self, scheduled) -> None:
-        # Before the step: save the victims' pages before anything can overwrite them, restore swapped-in
+        # Before the step: save pages to the tiers before anything can overwrite them, restore swapped-in
         # requests, then give writers their private copies of shared pages.
         self._save_pages(scheduled.saves)
         pool = self.runner.kv_pool
@@ -730,10 +730,11 @@ class LLMEngine:
         self.runner.kv_pool = pool
 
     def _save_pages(self, saves) -> None:
-        """Gives evicted pages' K/V to the host tier: each page is copied by the device into an array of its
-        own in pinned host memory, after the work queued before and before anything later writes the page;
-        the host does not wait for the copies (unless kv_tier_sync_transfers). On the CPU the pages become
-        numpy arrays, and the host waits for the steps queued before (see page_copy.uses_pinned_memory)."""
+        """Gives pages' K/V (filled, or evicted) to the host tier: each page is copied by the device into an
+        array of its own in pinned host memory, after the work queued before and before anything later
+        writes the page; the host does not wait for the copies (unless kv_tier_sync_transfers). On the CPU
+        the pages become numpy arrays, and the host waits for the steps queued before (see
+        page_copy.uses_pinned_memory)."""
         if not saves:
             return
         page_ids = [page for page, _ in saves]

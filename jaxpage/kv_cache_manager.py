@@ -1,11 +1,11 @@
 """A request's pages: what the scheduler asks for when it has decided who runs.
 
-The scheduler owns the policy (admission order, token budgets, which request to preempt); this owns the
-page pool and every request-level page operation under it: naming a prompt's pages for the prefix cache,
-taking a new request's cached (or sibling-shared) prefix, allocating pages for the next tokens with
-copy-on-write of a shared page, topping a reservation up, offering newly full pages to the prefix cache,
-freeing, and the accounting of swap space; and, with a `KVStore` below the pool, which pages the tiers must
-save when the pool evicts them and which of a new request's pages the tiers can fill; and, for a request
+The scheduler owns the policy (admission order, token budgets, which request to preempt); this owns the page
+pool and every request-level page operation under it: naming a prompt's pages for the prefix cache, taking a
+new request's cached (or sibling-shared) prefix, allocating pages for the next tokens with copy-on-write of a
+shared page, topping a reservation up, offering newly full pages to the prefix cache, freeing, and the
+accounting of swap space; and, with a `KVStore` below the pool, which pages the tiers must save (when they
+fill, or when the pool evicts them) and which of a new request's pages the tiers can fill; and, for a request
 whose prompt drops tokens from the middle of an earlier one (`Request.kv_shift`), which cached tokens to move
 to their new positions. Page contents never pass through here: the device work (copies, swaps, saves, loads,
 shifts) is returned as page ids (with the tiers' K/V, for loads) for the engine to run.

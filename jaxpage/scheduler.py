@@ -5,14 +5,15 @@ A decoding request asks for 1 token, a new one for its whole prompt, and a promp
 the budget gets a chunk now and the rest later (chunked prefill), so prefill and decode share one step. A
 prefill chunk never takes the token that a decoding request behind it needs, so decoding never stalls.
 
-Pages come from a `KVCacheManager` over the page pool: a new request first takes the leading full pages of
-its prompt from the prefix cache (or, for the samples of one prompt, from the sample admitted first); a page
+Pages come from a `KVCacheManager` over the page pool: a new request first takes the leading full pages of its
+prompt from the prefix cache (or, for the samples of one prompt, from the sample admitted first); a page
 shared by several requests is copied before one of them writes into it (copy-on-write). When the pool runs
 dry, the most recently admitted request is preempted: its pages are freed and it recomputes later, or
 (preemption_mode "swap") they are copied to host memory and back. With tiers below the pool (a `KVStore`),
-cached pages the pool evicts are saved to them, and a prefix lookup that misses the pool continues there; the
-pages it finds are loaded into fresh pages. The device work is listed in `SchedulerOutput`; the engine runs it
-before the step, in the order saves, swap out, swap in, loads, shifts, copies.
+cached pages are saved to them (when they fill, or when the pool evicts them), and a prefix lookup that misses
+the pool continues there; the pages it finds are loaded into fresh pages. The device work is listed in
+`SchedulerOutput`; the engine runs it before the step, in the order saves, swap out, swap in, loads, shifts,
+copies.
 
 Beam search needs three more operations between steps: `fork_request` (a new request sharing all of a
 request's pages and tokens), `replace_last_token` (the last token, sampled but not yet computed, becomes

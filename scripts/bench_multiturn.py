@@ -15,13 +15,13 @@ clients interleave and a small device pool (--pool_pages) evicts the sessions of
 Modes (--modes):
 - recompute: no prefix cache; every turn computes its whole prompt.
 - gpu: the prefix cache in the device pool only.
-- host: tiers under the pool: host memory of --host_pages pages, each page saved when it fills (written
-  through, the engine's default).
+- host: tiers under the pool: host memory of --host_pages pages, each page saved as the engine's
+  kv_tier_write_through says (by default when it fills; --gin_bindings may say otherwise).
 - host_sync: the same, with every save and load waiting for its copy (what the asynchronous copies buy).
-- host_on_eviction: the same, pages saved only when the pool evicts them.
+- host_on_eviction: the same as host, pages saved only when the pool evicts them.
 - disk: a host tier of --disk_host_pages pages over a disk tier (a fresh directory under --disk_dir), with the
   look-ahead (queued requests' pages read from disk and loaded from host memory while they wait, and every
-  tier evicting the pages they want last).
+  tier evicting the pages they want last); pages saved as in host.
 - disk_lru: the same without the look-ahead: plain LRU, tier reads when a request is admitted.
 
 Per mode and turn index it prints and records mean and p90 TTFT, prompt tokens computed and where the
@@ -134,11 +134,13 @@ def mode_bindings(mode: str, bytes_per_page: int) -> list[str]:
     if mode == "recompute":
         return bindings + ["EngineConfig.enable_prefix_caching = False"]
     if mode in ("host", "host_sync", "host_on_eviction"):
-        return bindings + [
+        bindings += [
             f"EngineConfig.kv_host_cache_gib = {gib(FLAGS.host_pages)}",
-            f"EngineConfig.kv_tier_write_through = {mode != 'host_on_eviction'}",
             f"EngineConfig.kv_tier_sync_transfers = {mode == 'host_sync'}",
         ]
+        if mode == "host_on_eviction":
+            bindings.append("EngineConfig.kv_tier_write_through = False")
+        return bindings
     if mode in ("disk", "disk_lru"):
         directory = tempfile.mkdtemp(prefix="jaxpage-kv-", dir=FLAGS.disk_dir)
         return bindings + [

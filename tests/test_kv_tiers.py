@@ -436,7 +436,7 @@ def test_stacked_pages_start_where_xla_takes_them_without_a_copy(shape, dtype):
     assert data.shape == shape and data.dtype == dtype and data.flags.c_contiguous
     assert data.ctypes.data % 64 == 0
     data[...] = 1
-    assert jax.device_put(data).unsafe_buffer_pointer() == data.ctypes.data
+    assert jax.device_put(data, jax.devices("cpu")[0]).unsafe_buffer_pointer() == data.ctypes.data
 
 
 def test_a_read_that_fails_is_a_logged_miss(tmp_path, caplog):

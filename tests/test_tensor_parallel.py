@@ -70,7 +70,8 @@ def test_swapping_and_the_tiers_move_pages_of_the_split_pool(one_device, tmp_pat
             LLM.from_gin(TINY, tiers + directory + [f"EngineConfig.tensor_parallel_size = {size}"])
         )
     assert [tokens for tokens, _ in replies[2]] == [tokens for tokens, _ in replies[1]]
-    # The same history found in the tiers; host memory may hold another number of pages of a split pool.
+    # The same history found in the tiers; which tier serves a page depends on when the look-ahead's disk
+    # reads finish, so the split between host memory and disk may differ from run to run.
     found = {size: [hits["host"] + hits["disk"] for _, hits in replies[size]] for size in (1, 2)}
     assert found[2] == found[1] and sum(found[2]) > 0
 
