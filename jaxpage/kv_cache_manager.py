@@ -204,7 +204,7 @@ class KVCacheManager:
         self._shift_sources = []
 
     def take_saves(self) -> list[tuple[int, PageKey]]:
-        """The pages evicted from the prefix cache (or, writing through, cached) since the last call whose
+        """The pages evicted from the prefix cache (and, writing through, cached) since the last call whose
         K/V the tiers do not hold yet, as (page, key): the engine copies them down before the step writes
         into them."""
         saves = {}

@@ -1,10 +1,11 @@
 """The tiers under the GPU prefix cache (AttentionStore): host memory, then disk.
 
-A full page evicted from the device pool keeps its prefix-cache name (`PageKey`) and its K/V moves down: to
-the host tier (an LRU of a fixed number of pages), and from there, when the host tier is full, to the disk
-tier (one checksummed file per page under a directory, an LRU of a fixed number of files). A prefix lookup
-that runs out of device pages goes on down the same hash chain (`KVStore.lookup`), so a conversation's next
-turn, whose prompt extends the last turn's prompt and reply, finds its history wherever it was left.
+A full page of the device pool's prefix cache (saved when it fills, or when the pool evicts it) keeps its
+prefix-cache name (`PageKey`) and its K/V moves down: to the host tier (an LRU of a fixed number of pages),
+and from there, when the host tier is full, to the disk tier (one checksummed file per page under a directory,
+an LRU of a fixed number of files). A prefix lookup that runs out of device pages goes on down the same hash
+chain (`KVStore.lookup`), so a conversation's next turn, whose prompt extends the last turn's prompt and
+reply, finds its history wherever it was left.
 
 A page's K/V is opaque here: an array of the engine's `[num_layers, 2, num_kv_heads, page_size, head_dim]`,
 a jax array in pinned host memory (a GPU's; its copy from the device may still be under way, and reading it
@@ -339,8 +340,8 @@ class KVStore:
         return list(self._host.values())
 
     def save(self, key: PageKey, payload) -> None:
-        """Puts a page evicted from the device into the host tier; a page of the host tier goes to disk (or
-        is dropped) if full."""
+        """Puts a page saved from the device (filled, or evicted) into the host tier; a page of the host tier
+        goes to disk (or is dropped) if full."""
         if key.digest in self._host:
             self._host.move_to_end(key.digest)
             return

@@ -378,8 +378,9 @@ def warmup(
     for null in _null_pages(max_tier_pages):
         memories = _memories(kv_pool)
         if not uses_pinned_memory(kv_pool):
-            # As `scatter_pages_from_host` sends numpy pages; the largest stacking buffer's memory, faulted in
-            # here and freed, is then reused by the first loads (kept by `retain_freed_host_memory`).
+            # As `scatter_pages_from_host` sends numpy pages. The largest stacking buffer's memory, faulted in
+            # here and freed (and kept by `retain_freed_host_memory`), is likely what the first load of this
+            # thread gets back: a heuristic of glibc's reuse, which measured 36 -> 8.8 ms for that load.
             data = np.asarray(_gather(kv_pool, null))
             kv_pool = _scatter_stacked(kv_pool, null, [data[:, :, :, i] for i in range(len(null))], memories)
             continue

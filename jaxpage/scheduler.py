@@ -61,7 +61,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # row b of the step's batch, in running order
     preempted: list[Request]  # pages taken back this step (recomputed or swapped when readmitted)
     # Device work to do before the step, in this order (see the module docstring):
-    # (page, key): evicted cached pages whose K/V goes down to the tiers, read before anything writes them.
+    # (page, key): cached pages (evicted, or filled) whose K/V goes down to the tiers, read before anything
+    # writes them.
     saves: list[tuple[int, PageKey]] = dataclasses.field(default_factory=list)
     swap_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages to host
     swap_in: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # request id -> pages from host

@@ -172,7 +172,8 @@ def test_every_step_selects_a_bucket_of_the_grid_that_holds_it(num_tokens, num_r
     num_rows = min(num_rows, num_tokens, 32)  # the largest row bucket
     bucket = grid.select(num_tokens, num_rows, pages)
     if decode and num_tokens <= num_rows:  # one token per row: the decode kernel's bucket
-        assert bucket in grid.decode_buckets and bucket.num_tokens == bucket.num_rows
+        rows = min(b for b in grid.seq_buckets if b >= num_rows)
+        assert bucket == Bucket(rows, rows, min(p for p in grid.page_buckets if p >= pages))
     else:  # the smallest of the grid's buckets that holds the step
         holding = [
             b

@@ -31,9 +31,11 @@ def test_synthetic_conversations_reuse_their_history_from_the_named_tier(tmp_pat
         "--new_tokens", "10", "--pool_pages", "20", "--modes", "host,host_on_eviction,disk",
         "--disk_host_pages", "2",
     )  # fmt: skip
-    for mode, tier in [("host", "host_hit_tokens"), ("host_on_eviction", "host_hit_tokens")] + [
-        ("disk", "disk_hit_tokens")
-    ]:
+    for mode, tier in (
+        ("host", "host_hit_tokens"),
+        ("host_on_eviction", "host_hit_tokens"),
+        ("disk", "disk_hit_tokens"),
+    ):
         later = results[mode]["by_turn"][1:]
         prompt_tokens = [row["prompt_tokens_mean"] * row["requests"] for row in later]
         # Most of the history reused, some of it from the tier.

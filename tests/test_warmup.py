@@ -65,12 +65,15 @@ def test_decode_steps_whose_rows_no_prompt_bucket_has_are_warmed_up_too():
     llm = LLM.from_gin(["configs/tiny_test.gin"], bindings)
     assert {b.num_rows for b in llm.engine.runner.buckets} == {16}
     llm.engine.warmup()
-    params = [
+    prompts = [list(range(5, 15)), list(range(20, 33))]
+    # Each sampler variant in 4-row decode steps: all greedy, sampled, penalised.
+    for second in (
         SamplingParams(max_tokens=6, temperature=0),
         SamplingParams(max_tokens=6, temperature=0.8, seed=1),
-    ]
-    outputs = llm.generate([list(range(5, 15)), list(range(20, 33))], params)
-    assert all(output.finished for output in outputs)
+        SamplingParams(max_tokens=6, temperature=0.8, seed=1, repetition_penalty=1.3),
+    ):
+        outputs = llm.generate(prompts, [SamplingParams(max_tokens=6, temperature=0), second])
+        assert all(output.finished for output in outputs)
     assert llm.engine.metrics().num_compiles_after_warmup == 0
 
 
