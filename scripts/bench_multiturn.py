@@ -208,6 +208,8 @@ def run_mode(mode: str, gin_files: list[str], bytes_per_page: int) -> dict:
         "requests": records,
     }
     if engine.store is not None:
+        # The file's gin_config is the last mode's: each tier mode records how its pages were saved.
+        result["kv_tier_write_through"] = engine.config.kv_tier_write_through
         result["prefetched_pages"] = engine.store.num_prefetched
         result["host_prefetched_pages"] = metrics.host_prefetched_pages
     if engine.store is not None and engine.store.disk is not None:

@@ -42,6 +42,7 @@ def test_synthetic_conversations_reuse_their_history_from_the_named_tier(tmp_pat
         assert all(row[tier] > 0 for row in later), (mode, later)
         assert all(row["computed_tokens"] < n / 2 for row, n in zip(later, prompt_tokens, strict=True))
         assert results[mode]["num_compiles_after_warmup"] == 0
+        assert results[mode]["kv_tier_write_through"] == (mode != "host_on_eviction")
 
 
 def test_sharegpt_conversations_run_through_the_chat_template(tmp_path):
