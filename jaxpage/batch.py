@@ -65,9 +65,15 @@ class StepInputs(NamedTuple):
     # `Request.num_pending_tokens`), the row of that step that sampled it, whose device copy the forward
     # pass takes instead of `token_ids`; -1 for tokens known on the host.
     source_rows: np.ndarray
+    # i32[B]: tokens each row samples in a multi-step decode call (`decode_steps` > 1); 0 for padded rows.
+    num_steps: np.ndarray
+    # i32[B]: of those, how many `banned_token_ids` holds for (the row has fewer than min_tokens outputs).
+    banned_steps: np.ndarray
     # Whether some row reports top logprobs or runs a beam search: only then does the sampler find the
     # `max_logprobs` likeliest tokens of every row (a vocabulary top-k: ~10 ms a CPU step at 64 rows).
     wants_top_logprobs: bool = False
+    # > 1: a multi-step decode call of this many forward passes and samples (`SchedulerOutput.decode_steps`).
+    decode_steps: int = 1
 
     @property
     def bucket(self) -> Bucket:
@@ -236,6 +242,8 @@ def padding_inputs(bucket: Bucket, history_width: int = 0, prompt_logprobs: bool
         history_lens=zeros(b),
         prompt_logprob_targets=zeros(t if prompt_logprobs else 0),
         source_rows=np.full(t, -1, np.int32),
+        num_steps=zeros(b),
+        banned_steps=zeros(b),
     )
 
 
@@ -324,7 +332,8 @@ def build_step_inputs(
     pending = np.flatnonzero(num_known < num_new)
     if len(pending):
         assert np.all(num_known[pending] == num_new[pending] - 1), output
-        assert all(requests[row].num_pending_tokens == 1 for row in pending), output
+        # (A multi-step call's row left several pending, all sampled by the step in flight; the last is this.)
+        assert all(requests[row].num_pending_tokens >= 1 for row in pending), output
         x.source_rows[x.cu_q_lens[pending + 1] - 1] = [
             in_flight_rows[requests[row].request_id] for row in pending
         ]
@@ -359,5 +368,9 @@ def build_step_inputs(
             ]
     if not any_prompt_logprobs:
         x = x._replace(prompt_logprob_targets=x.prompt_logprob_targets[:0])
+    if output.decode_steps > 1:
+        x.num_steps[:num_rows] = [item.num_steps for item in scheduled]
+        x.banned_steps[:num_rows] = [r.sampling_params.min_tokens - r.num_sampled_tokens for r in requests]
+        np.maximum(x.banned_steps, 0, out=x.banned_steps)
     wants_top_logprobs = any(bool(p.logprobs) or p.use_beam_search for p in params)
-    return x._replace(wants_top_logprobs=wants_top_logprobs)
+    return x._replace(wants_top_logprobs=wants_top_logprobs, decode_steps=output.decode_steps)

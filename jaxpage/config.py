@@ -98,7 +98,8 @@ class EngineConfig:
     kv_tier_lookahead: bool = True
     # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it: then no save
     # lands on the step of the request whose admission evicts the page. Reused turns' TTFT was lower writing
-    # through on the CPU and on an H200 (benchmarks/README.md); saving on eviction copies fewer pages.
+    # through on the CPU and on an H200 (benchmarks/README.md). Saving on eviction copies fewer pages: writing
+    # through cost 1% of CPU throughput and 4.7% of an H200's (8B shapes), saving on eviction none measurable.
     kv_tier_write_through: bool = True
     # Saves to and loads from the tiers wait for their device<->host copies to finish before the step goes on,
     # instead of overlapping them with the device's work: only to measure what the asynchronous copies buy.
@@ -117,6 +118,13 @@ class EngineConfig:
     # tokens, which stay on the device meanwhile, so the device never waits for the host's bookkeeping.
     # Steps with beam searches, penalties or prompt logprobs, which need the host's tokens, run synchronously.
     overlap_steps: bool = True
+    # Multi-step decode: a step whose rows all decode, with nothing queued, runs up to this many forward
+    # passes and samples in one device call (each row as many as its length limits allow), so the host
+    # schedules and packs once for that many tokens (min_tokens bans are counted per call on the device).
+    # Rows that need the host between tokens (stop strings, logprobs, penalties, beams) keep steps of one.
+    # It pays where the host's work is a large share of a step: small models, CPUs (benchmarks/README.md).
+    # 1: off.
+    decode_steps: int = 1
     # A step that needs a forward or sampling program warm-up did not build: "warn" (compile it, with a
     # warning) or "error" (raise RuntimeError rather than stall serving on a compile; for benchmarks and
     # deployments that must never compile mid-run).
@@ -242,6 +250,10 @@ class EngineConfig:
                 raise ValueError(f"engine config field {name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.overlap_steps, bool):
             raise ValueError(f"engine config field overlap_steps must be a bool, got {self.overlap_steps!r}")
+        if not (_is_int(self.decode_steps) and 1 <= self.decode_steps <= 64):
+            raise ValueError(
+                f"engine config field decode_steps must be an int in [1, 64], got {self.decode_steps!r}"
+            )
         if not isinstance(self.warmup_prompt_logprobs, bool):
             value = self.warmup_prompt_logprobs
             raise ValueError(f"engine config field warmup_prompt_logprobs must be a bool, got {value!r}")

@@ -177,6 +177,7 @@ class LLMEngine:
             num_swap_pages=num_swap_pages,
             store=self.store,
             write_through=config.kv_tier_write_through,
+            decode_steps=config.decode_steps,
         )
         # Pages one move to or from the tiers carries at most: a step's saves and loads go in chunks of this
         # many, so warm-up compiles every size they use.
@@ -615,7 +616,7 @@ class LLMEngine:
         ended (sample groups with news are added to `outputs`)."""
         scheduled = launched.scheduled
         result = self.runner.fetch(launched.step)
-        finished = self._fail_broken_rows(scheduled, result.sampled, outputs)
+        finished, failing = self._fail_broken_rows(scheduled, result.sampled, outputs)
         if result.prompt_logprobs is not None:
             record_prompt_logprobs(scheduled, launched.cu_q_lens, result)
         rows = {item.request.request_id: row for row, item in enumerate(scheduled.scheduled)}
@@ -640,6 +641,9 @@ class LLMEngine:
             group = self._group_of[sample.request_id]
             self._update_text(sample)
             outputs[group.request_id] = group
+        for request, error in failing:  # multi-step rows whose fault came after good tokens
+            if not request.is_finished:
+                finished += self._fail(request, error, outputs)
         return finished
 
     def _group_outputs(self, groups: dict[str, SampleGroup]) -> list[RequestOutput]:
@@ -653,46 +657,66 @@ class LLMEngine:
             results.append(output)
         return results
 
-    def _fail_broken_rows(self, scheduled, sampled, outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
+    def _fail_broken_rows(
+        self, scheduled, sampled, outputs: dict[str, SampleGroup]
+    ) -> tuple[list[RequestOutput], list[tuple[Request, str]]]:
         """Ends, with finish reason "error", every request whose row got non-finite logits (its sampled
         logprob is NaN or inf) or an id outside the tokenizer's vocabulary: a numerical fault of the model
         fails that request, never the engine. All samples (or beams) of such a request end with it.
 
+        A row of a multi-step call whose first bad token is not its first keeps the tokens before it: its
+        `num_steps` is cut there, and it fails after `update_from_output` unless those tokens ended it.
+
         Returns:
-          The final outputs of failed beam searches (failed sample groups are added to `outputs`).
+          The final outputs of failed beam searches (failed sample groups are added to `outputs`), and the
+          (request, error) of the rows that fail after `update_from_output`.
         """
         num_rows = len(scheduled.scheduled)
-        token_ids = sampled.token_ids[:num_rows]
-        broken = ~np.isfinite(sampled.logprobs[:num_rows]) | (token_ids < 0)
-        broken |= token_ids >= self.tokenizer.vocab_size
-        failed_beams = []
-        for row in np.flatnonzero(broken):
-            request = scheduled.scheduled[row].request
+        # [steps, rows]: one step, or the calls of a multi-step decode (row b's first num_steps count).
+        token_ids = np.asarray(sampled.token_ids).reshape(scheduled.decode_steps, -1)[:, :num_rows]
+        logprobs = np.asarray(sampled.logprobs).reshape(scheduled.decode_steps, -1)[:, :num_rows]
+        bad = ~np.isfinite(logprobs) | (token_ids < 0) | (token_ids >= self.tokenizer.vocab_size)
+        num_steps = np.fromiter((item.num_steps for item in scheduled.scheduled), np.int64, num_rows)
+        bad &= np.arange(scheduled.decode_steps)[:, None] < num_steps
+        failed_beams, later = [], []
+        for row in np.flatnonzero(bad.any(axis=0)):
+            item = scheduled.scheduled[row]
+            request = item.request
             if request.is_finished:
                 continue
-            position = scheduled.scheduled[row].first + scheduled.scheduled[row].num_new_tokens - 1
-            if np.isfinite(sampled.logprobs[row]):
-                error = f"the model sampled token id {int(token_ids[row])}, outside the vocabulary"
+            call = int(np.argmax(bad[:, row]))  # the row's first bad token
+            position = item.first + item.num_new_tokens - 1 + call
+            if np.isfinite(logprobs[call, row]):
+                error = f"the model sampled token id {int(token_ids[call, row])}, outside the vocabulary"
             else:
                 error = "the model produced non-finite logits (NaN or inf)"
             error += f" at position {position}"
-            beams = self._beam_of.get(request.request_id)
-            if beams is not None:
-                del self._beams[beams.request_id]
-                output = aborted_beam_search_output(beams, self._live_beams(beams), self.tokenizer, error)
-                for beam_id in beams.request_ids:
-                    self.scheduler.fail_request(beam_id)
-                for beam_id in beams.abort(self.scheduler):
-                    self._forget_beam(beam_id)
-                failed_beams.append(output)
+            if call > 0:
+                item.num_steps = call
+                later.append((request, error))
                 continue
-            group = self._group_of[request.request_id]
-            for sample in group.samples:
-                if self.scheduler.fail_request(sample.request_id) is not None:
-                    self._text[sample.request_id].update(sample.output_token_ids, True, False)
-            group.error = error
-            outputs[group.request_id] = group
-        return failed_beams
+            failed_beams += self._fail(request, error, outputs)
+        return failed_beams, later
+
+    def _fail(self, request: Request, error: str, outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
+        """Ends a request (all its samples, or its whole beam search) with finish reason "error"; returns
+        the beam search's final output, if it was one (a failed sample group is added to `outputs`)."""
+        beams = self._beam_of.get(request.request_id)
+        if beams is not None:
+            del self._beams[beams.request_id]
+            output = aborted_beam_search_output(beams, self._live_beams(beams), self.tokenizer, error)
+            for beam_id in beams.request_ids:
+                self.scheduler.fail_request(beam_id)
+            for beam_id in beams.abort(self.scheduler):
+                self._forget_beam(beam_id)
+            return [output]
+        group = self._group_of[request.request_id]
+        for sample in group.samples:
+            if self.scheduler.fail_request(sample.request_id) is not None:
+                self._text[sample.request_id].update(sample.output_token_ids, True, False)
+        group.error = error
+        outputs[group.request_id] = group
+        return []
 
     def _advance_beams(self, beams: BeamGroup, request: Request, sampled, row: int) -> bool:
         """Gives a beam's candidates to its group; True once the group's search is over."""

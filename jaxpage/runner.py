@@ -7,7 +7,9 @@ only in steps where some request asks for prompt logprobs, and warm-up compiles 
 `EngineConfig.warmup_prompt_logprobs` is set (otherwise its first use compiles it, with a warning). The other,
 with the Pallas backends only, runs steps of one token per row through the decode kernel; warm-up compiles it
 for the buckets such steps select.
-Sampling is a separate, small program per row bucket, in three variants (all rows greedy: argmax only; any
+With `EngineConfig.decode_steps` > 1, steps whose rows all decode may instead run one multi-step program
+(`_decode_steps`: several forward passes and samples in a loop). Sampling is a separate, small program per
+row bucket, in three variants (all rows greedy: argmax only; any
 row sampling; any sampled row with penalties, per history width P * page_size), so the forward pass is
 compiled once per bucket rather than once per variant. Calling a compiled executable never recompiles: a
 shape outside the compiled buckets is compiled on the spot with a warning.
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpage.batch import Bucket, BucketGrid, StepInputs, padding_inputs
+from jaxpage.batch import NO_TOKEN, Bucket, BucketGrid, StepInputs, padding_inputs
 from jaxpage.compilation_cache import enable_compilation_cache
 from jaxpage.config import EngineConfig, user_cache_dir
 from jaxpage.executable_store import ExecutableStore, environment
@@ -219,11 +221,14 @@ class Runner:
             _ALL_LOGITS: jax.jit(self._forward_all_logits, donate_argnums=1),
             _DECODE: jax.jit(functools.partial(self._forward, decode_only=True), donate_argnums=1),
         }
+        self._decode_steps_jit = jax.jit(self._decode_steps, donate_argnums=1, static_argnames="num_calls")
         self._sample_jit = jax.jit(self._sample, static_argnames="num_top_logprobs")
         self._greedy_jit = jax.jit(self._greedy_sample, static_argnames="num_top_logprobs")
         # Keyed by (bucket, forward kind) and by (rows, variant, history width, top logprobs).
         self._forward_programs: dict[tuple[Bucket, str], jax.stages.Compiled] = {}
         self._sample_programs: dict[tuple[int, str, int, int], jax.stages.Compiled] = {}
+        # Multi-step decode (EngineConfig.decode_steps > 1), keyed by (rows, pages per row, sampler variant).
+        self._decode_steps_programs: dict[tuple[int, int, str], jax.stages.Compiled] = {}
         # Whole compiled programs beside JAX's cache: a warm start loads them without tracing them.
         self.executable_store = None
         if engine_config.compilation_cache_dir is not None:
@@ -282,6 +287,96 @@ class Runner:
         logits, kv_pool = self._forward(params, kv_pool, step, last_tokens, all_tokens)
         prompt = prompt_logprobs(logits, targets, self.num_top_logprobs)
         return (logits[step["logits_indices"]], prompt), kv_pool
+
+    def _decode_steps(self, params, kv_pool, rows: dict, last_tokens, sampling, base_key, num_calls: int):
+        """`num_calls` decode steps of the same rows in one program (multi-step decode): each forward
+        pass takes the tokens the one before sampled, and row b takes part in the first
+        `rows["num_steps"][b]` of them; later ones (and padded rows, 0) write their K/V into the null page
+        and their samples are dropped. A row's key folds in each token's position, so its tokens are those
+        of single steps. `sampling` is the banned ids (all rows greedy) or the `SamplingRows`; the loop's
+        trip count is static, so XLA:GPU runs it without asking the host.
+
+        Returns:
+          ((SampledTokens of [num_calls, rows], the last sampled tokens), the KV pool).
+        """
+        page_table = rows["page_table"]
+        num_rows, pages_per_row = page_table.shape
+        row_ids = jnp.arange(num_rows, dtype=jnp.int32)
+        source = rows["source_rows"]
+        tokens = jnp.where(source >= 0, last_tokens[jnp.maximum(source, 0)], rows["token_ids"])
+        banned_ids = sampling.banned_token_ids if isinstance(sampling, SamplingRows) else sampling
+
+        def one_step(j, carry):
+            tokens, kv_pool, token_ids, logprobs = carry
+            active = j < rows["num_steps"]
+            positions = rows["positions"] + j
+            index = jnp.minimum(positions // self.page_size, pages_per_row - 1)
+            pages = jnp.take_along_axis(page_table, index[:, None], axis=1)[:, 0]
+            step = {
+                "token_ids": tokens,
+                "positions": jnp.where(active, positions, 0),
+                "slot_mapping": jnp.where(active, pages * self.page_size + positions % self.page_size, 0),
+                "cu_q_lens": jnp.arange(num_rows + 1, dtype=jnp.int32),
+                "kv_lens": jnp.where(active, positions + 1, 1),  # an inactive row reads one slot, never 0
+                "page_table": page_table,
+                "logits_indices": row_ids,
+                "source_rows": jnp.full(num_rows, -1, jnp.int32),
+            }
+            logits, kv_pool = self._forward(
+                params, kv_pool, step, last_tokens, decode_only=self.uses_decode_kernel
+            )
+            # min_tokens: a row's banned ids hold while it has fewer outputs than that.
+            banned = jnp.where((j < rows["banned_steps"])[:, None], banned_ids, NO_TOKEN)
+            if isinstance(sampling, SamplingRows):
+                rows_j = sampling._replace(positions=positions + 1, banned_token_ids=banned)
+                out = sample(logits, rows_j, base_key, 0)
+            else:
+                out = greedy_sample(logits, banned, 0)
+            tokens = jnp.where(active, out.token_ids, tokens)  # a row's last token stays its last sample
+            return tokens, kv_pool, token_ids.at[j].set(out.token_ids), logprobs.at[j].set(out.logprobs)
+
+        init = (
+            tokens,
+            kv_pool,
+            jnp.zeros((num_calls, num_rows), jnp.int32),
+            jnp.zeros((num_calls, num_rows), jnp.float32),
+        )
+        tokens, kv_pool, token_ids, logprobs = jax.lax.fori_loop(0, num_calls, one_step, init)
+        no_top = jnp.zeros((num_calls, num_rows, 0))
+        out = SampledTokens(token_ids, logprobs, no_top.astype(jnp.int32), no_top)
+        return (out, self._as_last_tokens(tokens)), kv_pool
+
+    def _decode_steps_args(self, inputs: StepInputs, variant: str) -> list:
+        """The multi-step program's arguments: the rows' first token and position (a decode step's token b is
+        row b's), their pages and step counts, and the sampling state."""
+        num_rows = inputs.bucket.num_rows
+        rows = {
+            "token_ids": inputs.token_ids[:num_rows],
+            "positions": inputs.positions[:num_rows],
+            "source_rows": inputs.source_rows[:num_rows],
+            "page_table": inputs.page_table,
+            "num_steps": inputs.num_steps,
+            "banned_steps": inputs.banned_steps,
+        }
+        sampling = inputs.banned_token_ids if variant == _GREEDY else _sampling_rows(inputs)
+        on_devices = self._on_devices
+        return [
+            self.params,
+            self.kv_pool,
+            on_devices(rows),
+            self._last_tokens,
+            on_devices(sampling),
+            self._base_key,
+        ]
+
+    def _compile_decode_steps(self, num_rows: int, pages_per_row: int, variant: str) -> jax.stages.Compiled:
+        inputs = padding_inputs(Bucket(num_rows, num_rows, pages_per_row))
+        abstract = list(map(_abstract, self._decode_steps_args(inputs, variant)))
+        calls = self.engine_config.decode_steps
+        return self._compile(
+            ("decode_steps", calls, variant, abstract),
+            lambda: self._decode_steps_jit.lower(*abstract, num_calls=calls),
+        )
 
     def _compile_forward(self, bucket: Bucket, kind: str) -> jax.stages.Compiled:
         inputs = padding_inputs(bucket, prompt_logprobs=kind == _ALL_LOGITS)
@@ -350,6 +445,14 @@ class Runner:
         else:
             logger.warning("compiling %s outside warm-up", what)
 
+    def _decode_steps_program(self, bucket: Bucket, variant: str) -> jax.stages.Compiled:
+        key = (bucket.num_rows, bucket.pages_per_row, variant)
+        program = self._decode_steps_programs.get(key)
+        if program is None:
+            self._before_compiling_outside_warmup(f"the multi-step decode of {key}")
+            program = self._decode_steps_programs[key] = self._compile_decode_steps(*key)
+        return program
+
     def _sample_program(self, inputs: StepInputs, variant: str, history_width: int) -> jax.stages.Compiled:
         k = self.num_top_logprobs if inputs.wants_top_logprobs else 0
         key = (inputs.bucket.num_rows, variant, history_width, k)
@@ -364,8 +467,9 @@ class Runner:
     ) -> dict[Bucket, float]:
         """Compiles the forward pass of every bucket (default: all of the grid; with
         `warmup_prompt_logprobs` also its all-token-logits kind; with the decode kernel, the decode kind of
-        the buckets decode steps select) and every sampler variant of every row count, several at once in
-        threads (XLA compiles outside the GIL), and runs each forward once.
+        the buckets decode steps select; with `decode_steps` > 1 their multi-step programs) and every sampler
+        variant of every row count, several at once in threads (XLA compiles outside the GIL), and runs each
+        program once.
 
         Returns:
           Wall seconds each bucket's forward programs (every kind compiled) took to compile or to load from
@@ -389,6 +493,17 @@ class Runner:
             if self.engine_config.warmup_prompt_logprobs:
                 forwards += [(d, _ALL_LOGITS) for d in decode if d not in buckets]
         forwards = [key for key in forwards if key not in self._forward_programs]
+        multi_step = []
+        if self.engine_config.decode_steps > 1:
+            # The buckets a decode step selects (`BucketGrid.decode_buckets`), each all-greedy or sampling.
+            shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
+            multi_step = [
+                (d.num_rows, d.pages_per_row, variant)
+                for d in self.grid.decode_buckets
+                if whole_grid or (d.num_rows, d.pages_per_row) in shapes
+                for variant in (_GREEDY, _SAMPLED)
+            ]
+            multi_step = [key for key in multi_step if key not in self._decode_steps_programs]
         sampler_keys = set()
         for b in [*buckets, *decode]:
             history_width = b.pages_per_row * self.page_size
@@ -415,9 +530,14 @@ class Runner:
             samplers = {
                 key: pool.submit(in_callers_precision, self._compile_sampler, *key) for key in sampler_keys
             }
+            multi = {
+                key: pool.submit(in_callers_precision, self._compile_decode_steps, *key) for key in multi_step
+            }
             for key, program, elapsed in pool.map(timed_forward, forwards):
                 self._forward_programs[key] = program
                 seconds[key[0]] = seconds.get(key[0], 0.0) + elapsed
+            for key, future in multi.items():
+                self._decode_steps_programs[key] = future.result()
             for key, future in samplers.items():
                 self._sample_programs[key] = future.result()
         # Each program's first run costs more than later ones (on the CPU ~0.2 s more for a 128-token step
@@ -426,6 +546,9 @@ class Runner:
             self._run_once(key, self._forward_programs, self._compile_forward, self._run_forward_on_padding)
         for key in sorted(sampler_keys):
             self._run_once(key, self._sample_programs, self._compile_sampler, self._run_sampler_on_padding)
+        for key in multi_step:
+            run = self._run_decode_steps_on_padding
+            self._run_once(key, self._decode_steps_programs, self._compile_decode_steps, run)
         self._warmed_up = True
         return seconds
 
@@ -455,6 +578,12 @@ class Runner:
         logits, self.kv_pool = program(*args)
         jax.block_until_ready(logits)
 
+    def _run_decode_steps_on_padding(self, key: tuple[int, int, str], program: jax.stages.Compiled) -> None:
+        num_rows, pages_per_row, variant = key
+        inputs = padding_inputs(Bucket(num_rows, num_rows, pages_per_row))  # no row takes part: null page
+        (out, _), self.kv_pool = program(*self._decode_steps_args(inputs, variant))
+        jax.block_until_ready(out)
+
     def _run_sampler_on_padding(self, key: tuple[int, str, int, int], program: jax.stages.Compiled) -> None:
         num_rows, variant, history_width, _ = key
         shape = (num_rows, self.model_config.vocab_size)
@@ -473,11 +602,15 @@ class Runner:
         """Runs the step and waits for its results: `fetch(launch(inputs))`."""
         return self.fetch(self.launch(inputs))
 
-    def programs(self, inputs: StepInputs) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
-        """The forward and sampling programs of the step, compiled now if warm-up left them out (or, with
-        `compile_after_warmup` "error", RuntimeError before anything ran)."""
+    def programs(self, inputs: StepInputs) -> tuple[jax.stages.Compiled, jax.stages.Compiled | None]:
+        """The forward and sampling programs of the step (a multi-step decode call: its one program, and
+        None), compiled now if warm-up left them out (or, with `compile_after_warmup` "error", RuntimeError
+        before anything ran)."""
         bucket = inputs.bucket
         assert bucket.pages_per_row in self.grid.page_buckets, bucket
+        if inputs.decode_steps > 1:
+            assert inputs.decode_steps == self.engine_config.decode_steps, inputs.decode_steps
+            return self._decode_steps_program(bucket, _GREEDY if inputs.all_greedy else _SAMPLED), None
         if inputs.wants_prompt_logprobs:
             kind = _ALL_LOGITS
         elif self.uses_decode_kernel and inputs.decode_only:
@@ -501,9 +634,17 @@ class Runner:
         Steps run on the device in launch order, so a step may be launched before the previous one's results
         are read: its pending tokens (`inputs.source_rows`) come from the previous step's samples on the
         device, and pages freed meanwhile are rewritten only by later steps.
+        A multi-step decode call (`inputs.decode_steps` > 1) is one program; its samples are
+        [decode_steps, rows].
         programs: what `programs(inputs)` returned, if the caller has it already.
         """
         forward, sampler = programs if programs is not None else self.programs(inputs)
+        if inputs.decode_steps > 1:
+            variant = _GREEDY if inputs.all_greedy else _SAMPLED
+            (out, self._last_tokens), self.kv_pool = forward(*self._decode_steps_args(inputs, variant))
+            for array in out:
+                array.copy_to_host_async()
+            return LaunchedStep(out, None)
         all_logits = inputs.wants_prompt_logprobs
         args = [self.params, self.kv_pool, self._on_devices(_forward_arrays(inputs)), self._last_tokens]
         if all_logits:

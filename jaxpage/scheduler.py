@@ -50,6 +50,9 @@ class ScheduledRequest:
     first: int = dataclasses.field(init=False)
     # Whether the step reaches the end of the request's tokens, so that its sampled token is kept.
     samples_token: bool = dataclasses.field(init=False)
+    # Tokens the row samples in a multi-step decode call (`SchedulerOutput.decode_steps`): it computes its
+    # one new token and then each sampled one but the last. 1 in every other step.
+    num_steps: int = dataclasses.field(init=False, default=1)
 
     def __post_init__(self):
         self.first = self.request.num_computed_tokens
@@ -71,6 +74,9 @@ class SchedulerOutput:
     # loads (a source may be a page just loaded).
     shifts: list = dataclasses.field(default_factory=list)
     copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) copy-on-write
+    # > 1: every row decodes, and the device runs this many forward passes and samples in one call, row b
+    # taking part in the first `scheduled[b].num_steps` of them (see `Scheduler._extend_decode_steps`).
+    decode_steps: int = 1
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -106,9 +112,11 @@ class Scheduler:
         reserve_max_tokens: bool = False,
         store: KVStore | None = None,
         write_through: bool = False,
+        decode_steps: int = 1,
     ):
         """reserve_max_tokens: admit a request only with the pages of its whole prompt + max_tokens (within
-        max_model_len), the contiguous-allocation baseline that paging is measured against."""
+        max_model_len), the contiguous-allocation baseline that paging is measured against.
+        decode_steps: `EngineConfig.decode_steps`."""
         assert page_size > 0 and max_num_seqs > 0 and max_num_batched_tokens > 0 and max_model_len >= 2
         assert preemption_mode in PREEMPTION_MODES and num_swap_pages >= 0
         self.pool = pool  # read here for its size; every change goes through the manager
@@ -121,6 +129,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.preemption_mode = preemption_mode
         self.reserve_max_tokens = reserve_max_tokens
+        self.decode_steps = decode_steps
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order; preemption takes from the end
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -317,8 +326,49 @@ class Scheduler:
             # What the next step may allocate stays free of them.
             keep_free = self.kv_cache.pages_for(self.max_num_batched_tokens) + self.max_num_seqs
             out.loads += self.kv_cache.prefetch(queued, keep_free)
-        out.saves = self.kv_cache.take_saves()
+        if self.decode_steps > 1 and not self.waiting and not out.preempted:
+            self._extend_decode_steps(out)
+        out.saves = self.kv_cache.take_saves()  # after every allocation: it may have evicted cached pages
         return out
+
+    def _extend_decode_steps(self, out: SchedulerOutput) -> None:
+        """Makes a step whose rows all decode a multi-step call: each row samples up to `decode_steps` tokens,
+        as many as max_tokens and max_model_len leave it, and gets the pages they need. Left a step of one
+        when some row needs the host between tokens, or the pool cannot give every row its pages."""
+        steps = []
+        for item in out.scheduled:
+            request, params = item.request, item.request.sampling_params
+            if (
+                item.num_new_tokens != 1
+                or not item.samples_token
+                or params.stop  # a stop string cuts the text at the token that completes it
+                or params.logprobs is not None
+                or params.prompt_logprobs is not None
+                or params.use_beam_search
+                or params.repetition_penalty != 1
+                or params.presence_penalty != 0
+                or params.frequency_penalty != 0
+            ):
+                return
+            left = min(
+                params.max_tokens - request.num_sampled_tokens, self.max_model_len - request.num_tokens
+            )
+            steps.append(min(self.decode_steps, left))
+        if max(steps, default=1) == 1:
+            return
+        # All the pages or none: pages taken ahead for some rows would only crowd the next steps.
+        pages_for = self.kv_cache.pages_for
+        needed = sum(
+            max(0, pages_for(item.first + n) - len(item.request.page_ids))
+            for item, n in zip(out.scheduled, steps, strict=True)
+        )
+        if not self.pool.can_allocate(needed):
+            return
+        for item, num_steps in zip(out.scheduled, steps, strict=True):
+            # No copy-on-write: the step's own allocation has made the page written first private.
+            assert self.kv_cache.allocate(item.request, num_steps, out.copies), item
+            item.num_steps = num_steps
+        out.decode_steps = self.decode_steps
 
     def _first_waiting(self) -> Request | None:
         return next((r for r in self.waiting if r.request_id not in self.held), None)
@@ -339,16 +389,17 @@ class Scheduler:
         return budget
 
     def advance(self, output: SchedulerOutput) -> None:
-        """Marks the step's tokens computed once it is launched: each row that samples gets one pending token,
-        whose value `update_from_output` supplies. The next step may be scheduled in between (overlapped
-        steps): its rows compute the pending tokens from the device's copy."""
+        """Marks the step's tokens computed once it is launched: each row that samples gets one pending token
+        (a multi-step call's row `num_steps`, of which it computes all but the last), whose values
+        `update_from_output` supplies. The next step may be scheduled in between (overlapped steps): its
+        rows compute their last pending token from the device's copy."""
         self.kv_cache.release_shift_sources()  # the step's moves were dispatched before it
         for item in output.scheduled:
             request = item.request
             assert request.num_computed_tokens == item.first, (request, item.first)
-            request.num_computed_tokens += item.num_new_tokens
+            request.num_computed_tokens += item.num_new_tokens + item.num_steps - 1
             if item.samples_token:
-                request.num_pending_tokens += 1
+                request.num_pending_tokens += item.num_steps
 
     def update_from_output(self, output: SchedulerOutput, sampled) -> list[Request]:
         """Gives the rows of a finished step (advanced by `advance`) their sampled tokens, offers newly full
@@ -359,14 +410,16 @@ class Scheduler:
         Args:
           output: what `schedule` returned for the step.
           sampled: the step's samples: `token_ids` i32[rows] and `logprobs` f32[rows], row b for
-            `output.scheduled[b]` (extra padding rows are ignored).
+            `output.scheduled[b]` (extra padding rows are ignored); of a multi-step call, [steps, rows],
+            row b's tokens in order in the first `output.scheduled[b].num_steps` entries of column b.
         Returns:
           The requests that got a new token this step, finished or not, in row order.
         """
         updated = []
         now = time.monotonic()
-        # Python ints and floats, converted once for all rows.
-        token_ids, logprobs = np.asarray(sampled.token_ids).tolist(), np.asarray(sampled.logprobs).tolist()
+        # Python ints and floats, converted once for all rows: per row, its tokens in order.
+        token_ids = np.asarray(sampled.token_ids).reshape(output.decode_steps, -1).T.tolist()
+        logprobs = np.asarray(sampled.logprobs).reshape(output.decode_steps, -1).T.tolist()
         for row, item in enumerate(output.scheduled):
             request = item.request
             if request.is_finished:  # aborted or stopped after the step was launched; its pages are free
@@ -374,19 +427,23 @@ class Scheduler:
             if not item.samples_token:  # a prompt chunk short of the end: its sample predicts a known token
                 self.kv_cache.cache_full_pages(request)
                 continue
-            # A request preempted after its step was launched still gets the token: it was sampled from
+            # A request preempted after its step was launched still gets its tokens: they were sampled from
             # the whole context. (Its K/V for this step is recomputed or swapped back with the rest.)
-            assert request.num_pending_tokens > 0, request
-            request.num_pending_tokens -= 1
-            request.output_token_ids.append(token_ids[row])
+            assert request.num_pending_tokens >= item.num_steps, request
+            wants_logprobs = request.sampling_params.logprobs is not None
+            status = None
+            for token, logprob in zip(token_ids[row][: item.num_steps], logprobs[row], strict=False):
+                request.num_pending_tokens -= 1
+                request.output_token_ids.append(token)
+                request.cumulative_logprob += logprob
+                if wants_logprobs:
+                    request.output_logprobs.append(logprob)
+                status = self._stop_status(request)
+                if status is not None:  # the row's later tokens come after its end
+                    break
             self.kv_cache.cache_full_pages(request)
-            logprob = logprobs[row]
-            request.cumulative_logprob += logprob
-            if request.sampling_params.logprobs is not None:
-                request.output_logprobs.append(logprob)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._stop_status(request)
             if status is not None:
                 self._finish(request, status)
             updated.append(request)

@@ -28,6 +28,7 @@ flags.DEFINE_integer("num_requests", 256, "Requests, all admitted at once (rows 
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of each request.")
 flags.DEFINE_integer("output_len", 256, "Output tokens of each request (EOS held back).")
 flags.DEFINE_bool("overlap_steps", True, "EngineConfig.overlap_steps.")
+flags.DEFINE_integer("decode_steps", 1, "EngineConfig.decode_steps (multi-step decode).")
 flags.DEFINE_enum(
     "output_kind", "final_only", ["cumulative", "delta", "final_only"], "SamplingParams.output_kind."
 )
@@ -49,16 +50,18 @@ class InstantDevice:
 
     def launch(self, inputs, programs=None) -> LaunchedStep:
         self.count += 1
-        rows = len(inputs.kv_lens)
-        # Ids in 1000..vocab: ordinary text tokens, away from SmolLM2's special ids.
-        token_ids = (1000 + (np.arange(rows) * 7919 + self.count * 104729) % (self.vocab_size - 1000)).astype(
-            np.int32
+        # A multi-step decode call samples [decode_steps, rows].
+        shape = (
+            (inputs.decode_steps, len(inputs.kv_lens)) if inputs.decode_steps > 1 else (len(inputs.kv_lens),)
         )
+        # Ids in 1000..vocab: ordinary text tokens, away from SmolLM2's special ids.
+        counter = np.arange(np.prod(shape)).reshape(shape) * 7919 + self.count * 104729
+        token_ids = (1000 + counter % (self.vocab_size - 1000)).astype(np.int32)
         sampled = SampledTokens(
             token_ids,
-            np.full(rows, -1.0, np.float32),
-            np.tile(token_ids[:, None], (1, self.num_top)),
-            np.full((rows, self.num_top), -1.0, np.float32),
+            np.full(shape, -1.0, np.float32),
+            np.repeat(token_ids[..., None], self.num_top, axis=-1),
+            np.full((*shape, self.num_top), -1.0, np.float32),
         )
         return LaunchedStep(sampled, None)
 
@@ -84,6 +87,7 @@ def main(argv):
         page_buckets=(max_model_len // page_size,),
         attention_backend="reference",
         overlap_steps=FLAGS.overlap_steps,
+        decode_steps=FLAGS.decode_steps,
     )
     # A tiny model: only its shapes reach the host loop, and the device half is replaced below.
     model = ModelConfig(

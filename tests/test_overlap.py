@@ -87,19 +87,21 @@ def test_steps_that_need_the_hosts_tokens_run_synchronously(params):
         assert log[:2] == ["launch", "fetch"] and "launch" in log[2:3]
 
 
-def test_an_abort_while_a_token_is_in_flight_drops_it_and_frees_the_pages():
-    llm = _llm(True)
+# With multi-step decode (tests/test_decode_steps.py) a call's 4 tokens are in flight at once.
+@pytest.mark.parametrize("decode_steps, steps, in_flight", [(1, 4, 1), (4, 3, 4)])
+def test_an_abort_while_a_token_is_in_flight_drops_it_and_frees_the_pages(decode_steps, steps, in_flight):
+    llm = _llm(True, f"EngineConfig.decode_steps = {decode_steps}")
     engine = llm.engine
-    kept = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=10, temperature=0))
-    dropped = engine.add_request("Hello", SamplingParams(max_tokens=10, temperature=0))
+    kept = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=18, temperature=0))
+    dropped = engine.add_request("Hello", SamplingParams(max_tokens=18, temperature=0))
     reported = {}
-    for _ in range(4):
+    for _ in range(steps):
         reported |= {o.request_id: o.outputs[0].token_ids for o in engine.step()}
-    assert engine._groups[dropped].samples[0].num_pending_tokens == 1  # its next token is on the device
+    assert engine._groups[dropped].samples[0].num_pending_tokens == in_flight  # on the device
     assert engine.abort(dropped)
     finals = {o.request_id: o for o in engine.stream() if o.finished}
     assert finals[dropped].outputs[0].token_ids == reported[dropped]
-    assert len(finals[kept].outputs[0].token_ids) == 10
+    assert len(finals[kept].outputs[0].token_ids) == 18
     assert engine.pool.num_free_pages == engine.pool.num_usable_pages
 
 
