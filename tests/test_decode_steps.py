@@ -2,6 +2,7 @@
 samples in one device call. Outputs must equal single steps' token for token, whatever stops, length limits,
 min_tokens bans, preemption and sampling happen; rows that need the host between tokens keep steps of one."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -225,3 +226,16 @@ def test_warmup_compiles_the_multi_step_programs():
     calls = _calls(llm)
     llm.generate(PROMPTS, [SamplingParams(max_tokens=12, temperature=t, seed=2) for t in (0, 0, 0.7, 0, 1.0)])
     assert 4 in calls and llm.engine.metrics().num_compiles_after_warmup == 0
+
+
+def test_multi_step_decode_over_a_tensor_parallel_mesh():
+    # tiny_test.gin's 2 KV heads split over 2 devices: the loop carries a pool sharded over heads.
+    params = SamplingParams(max_tokens=12, temperature=0)
+    outputs = {}
+    for k in (1, 4):
+        llm = _llm(k, "EngineConfig.tensor_parallel_size = 2")
+        assert llm.engine.runner.kv_pool[0][0].sharding.spec == jax.sharding.PartitionSpec("tp")
+        calls = _calls(llm)
+        outputs[k] = _summary(llm.generate(PROMPTS, params))
+        assert max(calls) == k
+    assert outputs[4] == outputs[1]
