@@ -99,7 +99,7 @@ class EngineConfig:
     # Save a page to the tiers when it fills (write-through) instead of when the pool evicts it: then no save
     # lands on the step of the request whose admission evicts the page. Reused turns' TTFT was lower writing
     # through on the CPU and on an H200 (benchmarks/README.md). Saving on eviction copies fewer pages: writing
-    # through cost 1% of CPU throughput and 4.7% of an H200's (8B shapes), saving on eviction none measurable.
+    # through cost 1% of CPU throughput and 3.9-4.8% of an H200's (8B shapes); on eviction, none measurable.
     kv_tier_write_through: bool = True
     # Saves to and loads from the tiers wait for their device<->host copies to finish before the step goes on,
     # instead of overlapping them with the device's work: only to measure what the asynchronous copies buy.
@@ -121,7 +121,8 @@ class EngineConfig:
     # Multi-step decode: a step whose rows all decode, with nothing queued, runs up to this many forward
     # passes and samples in one device call (each row as many as its length limits allow), so the host
     # schedules and packs once for that many tokens (min_tokens bans are counted per call on the device).
-    # Rows that need the host between tokens (stop strings, logprobs, penalties, beams) keep steps of one.
+    # A step with a row that needs the host between tokens (stop strings, logprobs, prompt logprobs,
+    # penalties, beams) stays a step of one.
     # It pays where the host's work is a large share of a step: small models, CPUs (benchmarks/README.md).
     # 1: off.
     decode_steps: int = 1

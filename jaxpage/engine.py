@@ -678,7 +678,7 @@ class LLMEngine:
         bad = ~np.isfinite(logprobs) | (token_ids < 0) | (token_ids >= self.tokenizer.vocab_size)
         num_steps = np.fromiter((item.num_steps for item in scheduled.scheduled), np.int64, num_rows)
         bad &= np.arange(scheduled.decode_steps)[:, None] < num_steps
-        failed_beams, later = [], []
+        failed_beams, fail_after_update = [], []
         for row in np.flatnonzero(bad.any(axis=0)):
             item = scheduled.scheduled[row]
             request = item.request
@@ -693,10 +693,10 @@ class LLMEngine:
             error += f" at position {position}"
             if call > 0:
                 item.num_steps = call
-                later.append((request, error))
+                fail_after_update.append((request, error))
                 continue
             failed_beams += self._fail(request, error, outputs)
-        return failed_beams, later
+        return failed_beams, fail_after_update
 
     def _fail(self, request: Request, error: str, outputs: dict[str, SampleGroup]) -> list[RequestOutput]:
         """Ends a request (all its samples, or its whole beam search) with finish reason "error"; returns

@@ -321,6 +321,9 @@ class KVCacheManager:
         self.pool.uncache(request.page_ids)
         if self.store is not None:
             self.store.discard(request.page_keys)
+        # Nor saved later: a page written through in the step that failed waits here for the next saves.
+        names = {key.digest for key in request.page_keys}
+        self._filled = [(page, key) for page, key in self._filled if key.digest not in names]
 
     # ---- swap space ----------------------------------------------------------------------------------------
 

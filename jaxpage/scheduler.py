@@ -334,7 +334,8 @@ class Scheduler:
     def _extend_decode_steps(self, out: SchedulerOutput) -> None:
         """Makes a step whose rows all decode a multi-step call: each row samples up to `decode_steps` tokens,
         as many as max_tokens and max_model_len leave it, and gets the pages they need. Left a step of one
-        when some row needs the host between tokens, or the pool cannot give every row its pages."""
+        when some row needs the host between tokens, when no row may take all `decode_steps` tokens, or when
+        the pool cannot give every row its pages."""
         steps = []
         for item in out.scheduled:
             request, params = item.request, item.request.sampling_params
@@ -354,7 +355,7 @@ class Scheduler:
                 params.max_tokens - request.num_sampled_tokens, self.max_model_len - request.num_tokens
             )
             steps.append(min(self.decode_steps, left))
-        if max(steps, default=1) == 1:
+        if max(steps, default=1) < self.decode_steps:  # the call would run passes no row takes part in
             return
         # All the pages or none: pages taken ahead for some rows would only crowd the next steps.
         pages_for = self.kv_cache.pages_for
@@ -366,7 +367,8 @@ class Scheduler:
             return
         for item, num_steps in zip(out.scheduled, steps, strict=True):
             # No copy-on-write: the step's own allocation has made the page written first private.
-            assert self.kv_cache.allocate(item.request, num_steps, out.copies), item
+            allocated = self.kv_cache.allocate(item.request, num_steps, out.copies)
+            assert allocated, item
             item.num_steps = num_steps
         out.decode_steps = self.decode_steps
 

@@ -154,6 +154,10 @@ def test_a_queued_request_or_a_short_pool_keeps_steps_of_one():
     out = sched.schedule()
     assert len(out.scheduled) == 4 and out.decode_steps == 1
 
+    short_only = _scheduler(decode_steps=4)  # no row may take 4 tokens: passes would run for nobody
+    _decoding(short_only, Request("s", [1, 2, 3], SamplingParams(max_tokens=3)))
+    assert short_only.schedule().decode_steps == 1
+
     tight = _scheduler(decode_steps=8, num_pages=5)  # 4 usable pages of 4 tokens
     long = Request("long", [1, 2, 3, 4], SamplingParams(max_tokens=9))  # 1 page, then 3
     short = Request("short", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=2))  # 2 pages
@@ -218,6 +222,31 @@ def test_non_finite_logits_in_a_call_fail_that_request_alone():
         assert llm.engine.pool.num_free_pages == llm.engine.pool.num_usable_pages
         results[k] = failed.error
     assert "non-finite logits" in results[4] and results[4] == results[1]  # the same position
+
+
+def test_a_page_the_fault_wrote_into_is_never_saved_to_the_host_tier():
+    """The call that faults also cached the pages its good tokens filled; with write-through they wait to be
+    saved. The one holding the faulty token's K/V must not reach the tier under its valid name."""
+    bindings = ["EngineConfig.kv_host_cache_gib = 0.01", "EngineConfig.kv_tier_write_through = True"]
+    params = SamplingParams(max_tokens=40, temperature=0)
+    prompt = [5, 6, 7, 8, 9]  # 5 tokens: output i sits at position 5 + i
+    free = _poisoned(4).generate([prompt], params)[0].outputs[0].token_ids
+    # Output i fills its page (page_size 8) and is fed in a call's pass after the first.
+    i = next(i for i in range(5, 40) if (5 + i + 1) % 8 == 0 and i % 4 and free[i] not in free[:i] + prompt)
+    llm = _llm(4, "ModelConfig.tie_word_embeddings = False", *bindings)
+    runner = llm.engine.runner
+    runner.params["embed"] = runner.params["embed"].at[free[i]].set(np.nan)
+    clean = [3, 4] * 12
+    assert (
+        free[i]
+        not in llm.generate([clean], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0].token_ids
+    )
+    (failed,) = llm.generate([prompt], params)
+    assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].token_ids == free[: i + 1]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))  # takes the saves due
+    saved = llm.engine.store.host_entries()
+    assert len(saved) >= 4  # the clean request's pages
+    assert not any(np.isnan(np.asarray(kv)).any() for _, kv in saved)
 
 
 def test_warmup_compiles_the_multi_step_programs():
