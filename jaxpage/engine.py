@@ -676,8 +676,9 @@ class LLMEngine:
         token_ids = np.asarray(sampled.token_ids).reshape(scheduled.decode_steps, -1)[:, :num_rows]
         logprobs = np.asarray(sampled.logprobs).reshape(scheduled.decode_steps, -1)[:, :num_rows]
         bad = ~np.isfinite(logprobs) | (token_ids < 0) | (token_ids >= self.tokenizer.vocab_size)
-        num_steps = np.fromiter((item.num_steps for item in scheduled.scheduled), np.int64, num_rows)
-        bad &= np.arange(scheduled.decode_steps)[:, None] < num_steps
+        if scheduled.decode_steps > 1:  # a row's passes after its num_steps sampled for nobody
+            num_steps = np.fromiter((item.num_steps for item in scheduled.scheduled), np.int64, num_rows)
+            bad &= np.arange(scheduled.decode_steps)[:, None] < num_steps
         failed_beams, fail_after_update = [], []
         for row in np.flatnonzero(bad.any(axis=0)):
             item = scheduled.scheduled[row]

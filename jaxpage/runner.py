@@ -479,29 +479,25 @@ class Runner:
         buckets = self.buckets if whole_grid else buckets
         kinds = (_ROWS, _ALL_LOGITS) if self.engine_config.warmup_prompt_logprobs else (_ROWS,)
         forwards = [(b, kind) for b in buckets for kind in kinds]
+        # The buckets decode steps select: all of them with the whole grid (with `max_bucket_tokens_per_row`
+        # a decode step's row count may have no prompt bucket), else those of the rows and pages asked for
+        # (with `row_sized_decode` they may lie outside the token buckets).
+        shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
+        selected = [
+            d for d in self.grid.decode_buckets if whole_grid or (d.num_rows, d.pages_per_row) in shapes
+        ]
         decode = []
         if self.uses_decode_kernel:
-            # Every decode bucket with the whole grid (with `max_bucket_tokens_per_row` a decode step's row
-            # count may have no prompt bucket), else those of the rows and pages asked for (with
-            # `row_sized_decode` they may lie outside the token buckets); a one-token prompt chunk with prompt
-            # logprobs takes them too.
-            shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
-            decode = [
-                d for d in self.grid.decode_buckets if whole_grid or (d.num_rows, d.pages_per_row) in shapes
-            ]
+            # Their decode kind; a one-token prompt chunk with prompt logprobs takes them too.
+            decode = selected
             forwards += [(d, _DECODE) for d in decode]
             if self.engine_config.warmup_prompt_logprobs:
                 forwards += [(d, _ALL_LOGITS) for d in decode if d not in buckets]
         forwards = [key for key in forwards if key not in self._forward_programs]
         multi_step = []
-        if self.engine_config.decode_steps > 1:
-            # The buckets a decode step selects (`BucketGrid.decode_buckets`), each all-greedy or sampling.
-            shapes = {(b.num_rows, b.pages_per_row) for b in buckets}
+        if self.engine_config.decode_steps > 1:  # the same buckets' multi-step programs, greedy or sampling
             multi_step = [
-                (d.num_rows, d.pages_per_row, variant)
-                for d in self.grid.decode_buckets
-                if whole_grid or (d.num_rows, d.pages_per_row) in shapes
-                for variant in (_GREEDY, _SAMPLED)
+                (d.num_rows, d.pages_per_row, variant) for d in selected for variant in (_GREEDY, _SAMPLED)
             ]
             multi_step = [key for key in multi_step if key not in self._decode_steps_programs]
         sampler_keys = set()
